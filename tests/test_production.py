@@ -251,3 +251,184 @@ def test_tp_resume_from_checkpoint_is_bit_identical(tmp_path):
     _train(model_c, learner_c, batches[2:])
     for a, c in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(a, c)
+
+
+# -- TP under torch.distributed ------------------------------------------------------------------
+def _tp_model(step_mode):
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        layer.Linear(12, 16), neuron.LIFNode(tau=2.0, v_reset=None, decay_input=False),
+        layer.Linear(16, 16), neuron.LIFNode(tau=2.0, v_reset=None, decay_input=False, v_threshold=0.3),
+        layer.Linear(16, 5),
+    )
+    functional.set_step_mode(model, step_mode)
+    return model
+
+
+def _tp_learner(model, label_batch, **kwargs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    return slr.wrap(model, rule="tp", optimizer=optimizer, num_classes=5, seed=2, label_batch=label_batch, **kwargs)
+
+
+def _tp_ddp_worker(rank, world, port, step_mode, label_batch, global_contrast, split, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = DDP(_tp_model(step_mode))
+        reductions = []
+
+        def counting_allreduce(state, bucket):
+            reductions.append(1)
+            tensor = bucket.buffer().div_(world)
+            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+        model.register_comm_hook(None, counting_allreduce)
+        learner = _tp_learner(model, label_batch, global_contrast=global_contrast)
+        per_batch = []
+        for x, y in _data(batches=2):
+            before = len(reductions)
+            mine = slice(0, split) if rank == 0 else slice(split, B)
+            learner.step(x[:, mine], y[mine])
+            per_batch.append(len(reductions) - before)
+        learner.unwrap()
+        torch.save({"params": [p.detach().clone() for p in model.module.parameters()],
+                    "projection": learner.projection, "reductions": per_batch},
+                   os.path.join(out_dir, f"tp{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_tp_ddp(tmp_path, step_mode="s", label_batch="concat", global_contrast=None, split=B // 2):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_tp_ddp_worker, args=(2, _free_port(), step_mode, label_batch, global_contrast, split, str(tmp_path)),
+             nprocs=2, join=True)
+    return [torch.load(tmp_path / f"tp{rank}.pt") for rank in (0, 1)]
+
+
+def _tp_single_process(step_mode="s", label_batch="concat"):
+    model = _tp_model(step_mode)
+    learner = _tp_learner(model, label_batch)
+    for x, y in _data(batches=2):
+        learner.step(x, y)
+    return model, learner
+
+
+@pytest.mark.parametrize("step_mode,label_batch", [("s", "concat"), ("m", "separate")])
+def test_tp_ddp_two_processes_match_single_process_on_the_whole_batch(tmp_path, step_mode, label_batch):
+    ranks = _run_tp_ddp(tmp_path, step_mode, label_batch)
+    model, learner = _tp_single_process(step_mode, label_batch)
+    # the projection's scale is the mean over the processes of their input scale: the same S everywhere,
+    # equal to the one made from the whole batch
+    torch.testing.assert_close(ranks[0]["projection"], ranks[1]["projection"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["projection"], learner.projection, rtol=1e-6, atol=0)
+    for distributed, single in zip(ranks[0]["params"], model.parameters()):
+        torch.testing.assert_close(distributed, single.detach(), rtol=1e-5, atol=1e-6)
+    # TP steps the optimizer at every time step: one all-reduce per step, and no more
+    assert ranks[0]["reductions"] == [T, T]
+
+
+def test_tp_ddp_without_global_contrast_differs_from_the_whole_batch(tmp_path):
+    # each process contrasting only within its own half is a different (smaller-batch) loss: the check
+    # above would catch a global contrast that silently stayed local
+    ranks = _run_tp_ddp(tmp_path, global_contrast=False)
+    model, _ = _tp_single_process()
+    gaps = [float((d - s.detach()).abs().max()) for d, s in zip(ranks[0]["params"], model.parameters())]
+    assert max(gaps) > 1e-3
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):  # DDP keeps the processes in step anyway
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tp_ddp_with_unequal_batches_keeps_processes_in_step(tmp_path):
+    ranks = _run_tp_ddp(tmp_path, split=5)  # 5 samples on rank 0, 3 on rank 1 (a last, short batch)
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(torch.isfinite(p).all() for p in ranks[0]["params"])
+
+
+def test_tp_global_contrast_outside_ddp_is_refused():
+    model = _tp_model("s")
+    with pytest.raises(slr.WrapError, match="DistributedDataParallel"):
+        _tp_learner(model, "concat", global_contrast=True).step(*_data()[0])
+    with pytest.raises(slr.WrapError, match="global_contrast"):
+        _tp_learner(_tp_model("s"), "concat", global_contrast="yes")
+
+
+# -- TP with mixed precision ---------------------------------------------------------------------
+def test_tp_bf16_autocast_trains_close_to_fp32_with_float32_traces():
+    results = {}
+    initial = [p.detach().clone() for p in _tp_model("s").parameters()]
+    for autocast in (None, torch.bfloat16):
+        model = _tp_model("s")
+        learner = _tp_learner(model, "concat", autocast=autocast)
+        linear_dtypes, trace_dtypes = set(), set()
+        handle = model[0].register_forward_hook(lambda m, i, o: linear_dtypes.add(o.dtype))
+        model[3].register_forward_hook(lambda m, i, o: trace_dtypes.update(t.dtype for t in learner._traces.values()))
+        losses, updates = [], None
+        for x, y in _data(batches=3):
+            losses.append(learner.step(x, y).loss)
+            if updates is None:  # after one batch (T optimizer steps), before spike flips compound
+                updates = [(p - p0).detach().flatten() for p, p0 in zip(model.parameters(), initial)]
+        handle.remove()
+        results[autocast] = (losses, updates, linear_dtypes, trace_dtypes)
+    assert results[None][2] == {torch.float32} and results[torch.bfloat16][2] == {torch.bfloat16}
+    assert results[torch.bfloat16][3] == {torch.float32}  # traces accumulate in float32 under bf16
+    fp32, bf16 = results[None], results[torch.bfloat16]
+    for a, b in zip(fp32[0], bf16[0]):
+        assert abs(a - b) < 0.05 * abs(a)
+    for a, b in zip(fp32[1], bf16[1]):
+        assert float(torch.nn.functional.cosine_similarity(a, b, 0)) > 0.98
+        assert not torch.equal(a, b)  # bf16 really ran
+
+
+def test_tp_grad_scaler_steps_and_updates_at_every_time_step():
+    model, reference = _tp_model("s"), _tp_model("s")
+    scaler = _cpu_scaler(init_scale=2.0 ** 4, growth_interval=1)
+    learner = _tp_learner(model, "concat", scaler=scaler)
+    ref_learner = _tp_learner(reference, "concat")
+    (x, y), = _data()
+    stats = learner.step(x, y)
+    ref_learner.step(x, y)
+    assert stats.skipped_steps == []
+    assert scaler.get_scale() == 2.0 ** (4 + T)  # TP takes T optimizer steps per batch: T updates
+    for a, b in zip(model.parameters(), reference.parameters()):  # unscaled before each step: same updates
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert learner.state_dict()["scaler"]["scale"] == scaler.get_scale()
+
+
+def test_tp_grad_scaler_overflow_skips_only_that_step():
+    model, reference = _tp_model("s"), _tp_model("s")
+    scaler = _cpu_scaler(init_scale=2.0 ** 10, growth_interval=1000)
+    learner = _tp_learner(model, "concat", scaler=scaler)
+    calls = []
+
+    def overflow_at_step_2(grad):  # an infinite gradient in step 2's backward, as a float16 overflow gives
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 3 else grad
+
+    handle = model[2].weight.register_hook(overflow_at_step_2)
+    (x, y), = _data()
+    stats = learner.step(x, y)
+    handle.remove()
+    assert stats.skipped_steps == [2]
+    assert scaler.get_scale() == 2.0 ** 9
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the skipped step changed nothing: the same as a reference that never takes step 2's update
+    ref_learner = _tp_learner(reference, "concat")
+    ref_step = ref_learner.optimizer.step
+    taken = []
+
+    def step_except_2(*args, **kwargs):
+        taken.append(1)
+        return None if len(taken) == 3 else ref_step(*args, **kwargs)
+
+    ref_learner.optimizer.step = step_except_2
+    ref_learner.step(x, y)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 pieces every online driver shares (input checks, choosing the output, stepping a model in time)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -152,6 +153,24 @@ def check_optimizer(optimizer: Any, model: nn.Module) -> None:
             "every model parameter the optimizer holds has requires_grad=False (frozen), so training would "
             "change nothing; unfreeze some (p.requires_grad_(True)) or give the optimizer trainable ones."
         )
+
+
+def check_precision(autocast: Any, scaler: Any, online: bool) -> None:
+    """Validate the ``autocast=`` and ``scaler=`` options shared by the online drivers."""
+    if not (autocast is None or isinstance(autocast, (bool, torch.dtype))):
+        raise WrapError(f"autocast must be None, True/False or a dtype such as torch.bfloat16, got {autocast!r}.")
+    if scaler is not None:
+        if not online:
+            raise WrapError("scaler needs online mode (pass optimizer=...); in zero-change mode use it in your own loop.")
+        if not all(callable(getattr(scaler, name, None)) for name in ("scale", "step", "update", "get_scale")):
+            raise WrapError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}.")
+
+
+def autocast_context(autocast: Union[None, bool, torch.dtype], device_type: str):
+    """``torch.autocast`` for the learner's ``autocast=`` option (a no-op context when it is off)."""
+    if not autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=None if autocast is True else autocast)
 
 
 def check_sequence_batch(x_seq: Any, y: Optional[torch.Tensor] = None, T: Optional[int] = None) -> int:

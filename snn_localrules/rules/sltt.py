@@ -23,7 +23,9 @@ from .base import (
     OutputChoice,
     Rule,
     all_finite,
+    autocast_context,
     check_optimizer,
+    check_precision,
     check_sequence_batch,
     contiguous_runs,
     guarded_step,
@@ -201,13 +203,7 @@ class SLTT(Rule):
         if not isinstance(fused, bool):
             raise WrapError(f"fused must be True or False, got {fused!r}.")
         self.fused = fused
-        if not (autocast is None or isinstance(autocast, (bool, torch.dtype))):
-            raise WrapError(f"autocast must be None, True/False or a dtype such as torch.bfloat16, got {autocast!r}.")
-        if scaler is not None:
-            if not self.online:
-                raise WrapError("scaler needs online mode (pass optimizer=...); in zero-change mode use it in your own loop.")
-            if not all(callable(getattr(scaler, name, None)) for name in ("scale", "step", "update", "get_scale")):
-                raise WrapError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}.")
+        check_precision(autocast, scaler, self.online)
         self.autocast = autocast
         self.scaler = scaler
         self.step_loss = resolve_step_loss(loss, plugin_answer=lambda obj: plugin_manager().hook.slr_step_loss(loss=obj))
@@ -312,10 +308,7 @@ class SLTT(Rule):
                          T=T, skipped=skipped)
 
     def _autocast_context(self, x_seq: torch.Tensor):
-        if not self.autocast:
-            return contextlib.nullcontext()
-        dtype = None if self.autocast is True else self.autocast
-        return torch.autocast(device_type=x_seq.device.type, dtype=dtype)
+        return autocast_context(self.autocast, x_seq.device.type)
 
     @staticmethod
     def _check_finite(finite: List[torch.Tensor], selected: List[int], total: Optional[torch.Tensor]) -> None:

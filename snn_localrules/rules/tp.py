@@ -10,13 +10,14 @@ the last hidden layer's trace and is trained by its own cross-entropy.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed
 from ..adapter import NeuronAdapter
 from ..errors import NonFiniteLossError, WrapError
 from ..functional.traces import (
@@ -27,7 +28,16 @@ from ..functional.traces import (
     update_trace,
 )
 from ..wrap import ModuleHooks
-from .base import OutputChoice, Rule, check_optimizer, check_sequence_batch, guarded_step, run_in_time
+from .base import (
+    OutputChoice,
+    Rule,
+    autocast_context,
+    check_optimizer,
+    check_precision,
+    check_sequence_batch,
+    guarded_step,
+    run_in_time,
+)
 from .sltt import install_temporal_cut
 
 LABEL_BATCH_MODES = ("concat", "separate")
@@ -43,6 +53,8 @@ class TPStats:
     :ivar prediction: class indices ``[B]`` from the output at the last step (see :meth:`TP.predict`).
     :ivar T: number of time steps.
     :ivar silent_layers: hidden layers (indices) whose data path never spiked in this batch.
+    :ivar skipped_steps: with a ``scaler``, the time steps whose optimizer step was skipped because the
+        scaled gradients overflowed (the scaler lowered its scale); always empty without one.
     """
 
     loss: float
@@ -51,9 +63,22 @@ class TPStats:
     prediction: torch.Tensor
     T: int
     silent_layers: List[int]
+    skipped_steps: List[int] = field(default_factory=list)
 
     def correct(self, y: torch.Tensor) -> int:
         return int((self.prediction == y.to(self.prediction.device)).sum())
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+@dataclass
+class _GlobalContrast:
+    group: Any
+    sizes: List[int]
+    labels: torch.Tensor  # [sum(sizes)] every process's labels, in rank order
+    rows: slice  # this process's samples in the global batch
 
 
 class TP(Rule):
@@ -80,6 +105,27 @@ class TP(Rule):
         ``"separate"`` over each path's own ``B`` samples, and its running statistics then get two updates
         per step (data, then label). ``"concat"`` is the default because it was faster on the project's
         CPU machine (one larger call instead of two) at the same peak memory (see the README).
+    :param autocast: mixed precision: ``None``/``False`` (off), ``True`` (the device's default autocast
+        dtype) or a dtype. The model's forward runs under ``torch.autocast``; traces are kept and the
+        layer losses computed in float32 (a bfloat16 trace would round ``beta * eps`` away), backward
+        runs outside autocast.
+    :param scaler: a ``torch.amp.GradScaler`` (float16). TP steps the optimizer at every time step, so
+        the scaler scales, unscales, checks and updates at every time step, as GradScaler expects once
+        per optimizer step; a step whose gradients overflow is skipped (``stats.skipped_steps``).
+    :param global_contrast: under ``DistributedDataParallel``, compare each sample's traces with the
+        label-path traces of the *whole* global batch (all processes), so that training on P processes
+        equals training on their concatenated batch in one process. Costs one all-gather of each
+        layer's label traces per step (``[B, N]``, small next to the gradients' all-reduce). ``None``
+        (default): on when the model is DDP-wrapped in a group of more than one process. ``False``:
+        each process contrasts within its own batch only (a smaller contrastive batch).
+
+    **Distributed training.** Wrap the ``DistributedDataParallel`` model (``slr.wrap(ddp_model, rule="tp",
+    ...)``). TP takes an optimizer step at every time step, so DDP all-reduces the gradients once per time
+    step (there is no step to defer, unlike SLTT). The label projection's scale is the mean over the
+    processes of their first batch's input scale, so every process draws the same ``S``. Batch norm is
+    per process unless you convert it (``nn.SyncBatchNorm.convert_sync_batchnorm``), as in any DDP run.
+    Freezing layers under DDP leaves their parameters without gradients: build the DDP model with
+    ``find_unused_parameters=True``.
 
     **Readout convention.** If a learnable module follows the last neuron (a linear readout), the last
     neuron is the last hidden layer, its *trace* is passed on (detached), and the readout is trained by CE on
@@ -103,6 +149,9 @@ class TP(Rule):
         multi_step: Optional[bool] = None,
         spatial: str = "mean",
         label_batch: str = "concat",
+        autocast: Union[None, bool, torch.dtype] = None,
+        scaler: Optional[Any] = None,
+        global_contrast: Optional[bool] = None,
     ):
         super().__init__(model, neurons)
         if optimizer is None:
@@ -118,6 +167,9 @@ class TP(Rule):
             raise WrapError(
                 f"label_batch must be one of {', '.join(map(repr, LABEL_BATCH_MODES))}, got {label_batch!r}."
             )
+        check_precision(autocast, scaler, online=True)
+        if global_contrast not in (None, True, False):
+            raise WrapError(f"global_contrast must be None, True or False, got {global_contrast!r}.")
         explicit = [n.describe() for n in self.neurons if n.explicit_state]
         if explicit:
             raise WrapError(
@@ -133,6 +185,9 @@ class TP(Rule):
         self.multi_step = multi_step
         self.spatial = spatial
         self.label_batch = label_batch
+        self.autocast = autocast
+        self.scaler = scaler
+        self.global_contrast = global_contrast
         self.projection: Optional[torch.Tensor] = None  # S, [O, *input_shape], made at the first batch
         leaves = [m for m in model.modules() if not list(m.children())]
         self.neuron_output = bool(leaves) and any(leaves[-1] is n.module for n in self.neurons if n.is_layer)
@@ -182,9 +237,11 @@ class TP(Rule):
                     self._readout_spikes = step_spikes
                 return None
             traces = self._label_traces if self._label_pass else self._traces
-            trace = update_trace(traces.get(index), step_spikes, self.trace_decay)
+            # traces are kept in float32 whatever the forward's precision: beta * eps in bfloat16 loses
+            # the small contributions of old spikes
+            trace = update_trace(traces.get(index), _at_least_float32(step_spikes), self.trace_decay)
             traces[index] = trace
-            passed = trace if self._is_last_hidden(index) else step_spikes
+            passed = trace.to(step_spikes.dtype) if self._is_last_hidden(index) else step_spikes
             passed = passed.detach()
             if time_dim:
                 passed = passed.unsqueeze(0)
@@ -213,7 +270,11 @@ class TP(Rule):
         if self.projection is None:
             gen = torch.Generator().manual_seed(self.seed)
             s = torch.rand((self.num_classes, *x_step.shape[1:]), generator=gen)
-            scale = x_step.detach().abs().mean().item() / max(s.mean().item(), 1e-12)
+            level = x_step.detach().abs().float().mean().item()
+            group = distributed.model_group(self.model)
+            if group is not None:  # every process must draw the same S: scale by the mean over processes
+                level = distributed.mean_over_group(level, group, x_step.device)
+            scale = level / max(s.mean().item(), 1e-12)
             self.projection = (s * scale * self.label_scale).to(x_step.device, x_step.dtype)
         elif self.projection.shape[1:] != x_step.shape[1:]:
             raise WrapError(
@@ -239,10 +300,12 @@ class TP(Rule):
                             "Fix the labels, or wrap with the right num_classes=.")
         B = x_seq.shape[1]
         sequence_model = self._sequence_model()
+        contrast = self._contrast_plan(y)
         self.reset_state()
         layer_sums: Dict[int, float] = {}
         readout_sum = 0.0
         spiked: Dict[int, bool] = {}
+        skipped: List[int] = []
         last_output = None
         separate = self.label_batch == "separate"
         try:
@@ -252,56 +315,70 @@ class TP(Rule):
             for t in range(T):
                 x_t = x_seq[t]
                 label_in = self._label_inputs(x_t, y)
-                if self._order is None:
-                    self._learn_layer_order(x_t, sequence_model)
-                if separate:
-                    self._set_neuron_states(data_state)
-                    (out,) = run_in_time(self.model, x_t.unsqueeze(0), sequence_model, self.output)
-                    data_state = self._neuron_states()
-                    self._set_neuron_states(label_state)
-                    self._label_pass = True
-                    try:
-                        run_in_time(self.model, label_in.unsqueeze(0), sequence_model, self.output)
-                    finally:
-                        self._label_pass = False
-                    label_state = self._neuron_states()
-                else:
-                    inputs = torch.cat([x_t, label_in], 0)
-                    (out,) = run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
-                losses = []
-                label_prev: Optional[torch.Tensor] = None
-                hidden = self._hidden_order()
-                bad = [f for f in self.frozen if f != "readout" and f >= len(hidden)]
-                if bad:
-                    raise WrapError(f"frozen layer(s) {bad} do not exist: the model has {len(hidden)} hidden layers.")
-                for position, index in enumerate(hidden):
+                with autocast_context(self.autocast, x_t.device.type):
+                    if self._order is None:
+                        self._learn_layer_order(x_t, sequence_model)
                     if separate:
-                        data, label = self._traces[index], self._label_traces[index]
+                        self._set_neuron_states(data_state)
+                        (out,) = run_in_time(self.model, x_t.unsqueeze(0), sequence_model, self.output)
+                        data_state = self._neuron_states()
+                        self._set_neuron_states(label_state)
+                        self._label_pass = True
+                        try:
+                            run_in_time(self.model, label_in.unsqueeze(0), sequence_model, self.output)
+                        finally:
+                            self._label_pass = False
+                        label_state = self._neuron_states()
                     else:
-                        trace = self._traces[index]
-                        data, label = trace[:B], trace[B:]
-                    if position == 0:
-                        targets = label_soft_targets(y)
-                    else:
-                        targets = distance_soft_targets(label_prev, spatial=self.spatial)
-                    loss_l = contrastive_trace_loss(data, label, targets.to(data.dtype), self.spatial)
-                    if position not in self.frozen:
-                        losses.append(loss_l)
-                    layer_sums[position] = layer_sums.get(position, 0.0) + float(loss_l.detach())
-                    spiked[position] = spiked.get(position, False) or bool(data.detach().any())
-                    label_prev = label
-                readout = self._readout_spikes[:B] if self.neuron_output else out[:B]
-                readout_loss = F.cross_entropy(readout, y)
+                        inputs = torch.cat([x_t, label_in], 0)
+                        (out,) = run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
+                # the losses in float32, outside autocast (traces are float32 already)
+                with autocast_context(False, x_t.device.type):
+                    losses = []
+                    label_prev: Optional[torch.Tensor] = None
+                    hidden = self._hidden_order()
+                    bad = [f for f in self.frozen if f != "readout" and f >= len(hidden)]
+                    if bad:
+                        raise WrapError(f"frozen layer(s) {bad} do not exist: the model has {len(hidden)} hidden layers.")
+                    for position, index in enumerate(hidden):
+                        if separate:
+                            data, label = self._traces[index], self._label_traces[index]
+                        else:
+                            trace = self._traces[index]
+                            data, label = trace[:B], trace[B:]
+                        if contrast is not None:  # compare with the label paths of every process's samples
+                            label = distributed.gather_rows(label, contrast.group, contrast.sizes)
+                        if position == 0:
+                            targets = label_soft_targets(y if contrast is None else contrast.labels)
+                        else:
+                            targets = distance_soft_targets(label_prev, spatial=self.spatial)
+                        if contrast is not None:
+                            targets = targets[contrast.rows]
+                        loss_l = contrastive_trace_loss(data, label, targets.to(data.dtype), self.spatial)
+                        if position not in self.frozen:
+                            losses.append(loss_l)
+                        layer_sums[position] = layer_sums.get(position, 0.0) + float(loss_l.detach())
+                        spiked[position] = spiked.get(position, False) or bool(data.detach().any())
+                        label_prev = label
+                    readout = _at_least_float32(self._readout_spikes[:B] if self.neuron_output else out[:B])
+                    readout_loss = F.cross_entropy(readout, y)
                 readout_sum += float(readout_loss.detach())
                 if "readout" not in self.frozen:
                     losses.append(readout_loss)
                 total = sum(losses, torch.zeros((), device=readout.device))
-                if not bool(torch.isfinite(total)):
+                if not self._finite_everywhere(total, contrast):
                     raise NonFiniteLossError(f"the TP loss at time step {t} is {float(total.detach())}; check the input scale.")
                 self.optimizer.zero_grad(set_to_none=True)
                 if total.requires_grad:
-                    total.backward()
-                self.optimizer.step()
+                    (self.scaler.scale(total) if self.scaler is not None else total).backward()
+                if self.scaler is not None:
+                    scale = self.scaler.get_scale()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    if self.scaler.get_scale() < scale:
+                        skipped.append(t)
+                else:
+                    self.optimizer.step()
                 last_output = readout.detach()
                 self._detach_traces()
         finally:
@@ -323,7 +400,40 @@ class TP(Rule):
             prediction=last_output.argmax(-1),
             T=T,
             silent_layers=silent,
+            skipped_steps=skipped,
         )
+
+    def _contrast_plan(self, y: torch.Tensor) -> Optional["_GlobalContrast"]:
+        """Under DDP with ``global_contrast``: the group, every process's batch size, the global labels and
+        this process's rows in the global batch (one small all-gather per batch); else None."""
+        group = distributed.model_group(self.model) if self.global_contrast is not False else None
+        if self.global_contrast and group is None:
+            raise WrapError(
+                "global_contrast=True needs a DistributedDataParallel model in an initialised process group "
+                "of more than one process; in a single process leave it at None."
+            )
+        if group is None:
+            return None
+        if self.frozen and not getattr(self.model, "find_unused_parameters", False):
+            raise WrapError(
+                f"layers {sorted(self.frozen, key=str)} are frozen, so their parameters get no gradient, which "
+                "DistributedDataParallel refuses by default; build it with find_unused_parameters=True."
+            )
+        sizes = distributed.gather_sizes(len(y), group, y.device)
+        labels = distributed.gather_rows(y, group, sizes)
+        start = distributed.row_offset(group, sizes)
+        return _GlobalContrast(group, sizes, labels, slice(start, start + len(y)))
+
+    @staticmethod
+    def _finite_everywhere(total: torch.Tensor, contrast: Optional["_GlobalContrast"]) -> bool:
+        """Whether the step's loss is finite, on every process under DDP (all must raise together, or the
+        others would wait forever in the next collective)."""
+        finite = torch.isfinite(total.detach()).to(torch.float32).reshape(1)
+        if contrast is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=contrast.group)
+        return bool(finite)
 
     @torch.no_grad()
     def _learn_layer_order(self, inputs: torch.Tensor, sequence_model: bool) -> None:
@@ -395,6 +505,8 @@ class TP(Rule):
             label_scale=self.label_scale, projection=self.projection, frozen=sorted(self.frozen, key=str),
             spatial=self.spatial, label_batch=self.label_batch, optimizer=self.optimizer.state_dict(),
         )
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -407,3 +519,5 @@ class TP(Rule):
         self.label_batch = state.get("label_batch", self.label_batch)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
