@@ -1,9 +1,11 @@
-"""Online SLTT under torch.distributed and mixed precision: what one batch costs.
+"""Online SLTT and TP under torch.distributed, and SLTT under mixed precision: what one batch costs.
 
 Distributed (2 CPU processes, gloo): time per batch and all-reduce calls / bytes per batch of online SLTT on a
 DistributedDataParallel model, with this plugin's once-per-batch synchronisation (``no_sync`` on all but
 the last backward) against synchronising after every step's backward (what a naive per-step loop does),
-and the single-process time on the whole batch beside them.
+and the single-process time on the whole batch beside them. TP on the same DDP model: all-reduces per
+batch (one per time step: TP steps the optimizer at every step) and the all-gather volume of its global
+contrast (each layer's label-path traces, every step) against contrasting within each process's batch.
 
 Mixed precision (one process each, fresh): time per batch and peak memory growth of online SLTT in fp32
 and under bfloat16 autocast (CPU), on the same VGG-like model as ``memory_vs_T.py``.
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,15 +52,38 @@ def _free_port() -> int:
 
 
 # -- distributed -------------------------------------------------------------------------------------
-def _ddp_worker(rank: int, world: int, port: int, args, defer: bool, out: str) -> None:
+#: distributed configurations: (rule, learner options, whether DDP's no_sync is visible to the learner)
+DISTRIBUTED_MODES = {
+    "sltt-once": ("sltt", {}, True),
+    "sltt-every-step": ("sltt", {}, False),
+    "tp-global": ("tp", {"global_contrast": None}, True),
+    "tp-local": ("tp", {"global_contrast": False}, True),
+}
+
+
+def _learner(model, rule: str, options: Dict):
+    import torch
+
+    import snn_localrules as slr
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # this table measures cost, not learning: a deep layer of the untrained VGG that stays silent is expected
+    warnings.filterwarnings("ignore", message="TP: hidden layer")
+    if rule == "tp":
+        return slr.wrap(model, rule="tp", optimizer=optimizer, num_classes=10, **options)
+    return slr.wrap(model, rule="sltt", optimizer=optimizer, **options)
+
+
+def _ddp_worker(rank: int, world: int, port: int, args, mode: str, out: str) -> None:
     import torch
     import torch.distributed as dist
     from spikingjelly.activation_based import functional
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import snn_localrules as slr
+    from snn_localrules import distributed
 
     torch.set_num_threads(1)
+    rule, options, defer = DISTRIBUTED_MODES[mode]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     net = _model()
@@ -75,7 +101,15 @@ def _ddp_worker(rank: int, world: int, port: int, args, defer: bool, out: str) -
         return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
 
     model.register_comm_hook(None, counting_allreduce)
-    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    gathered: List[int] = []
+    gather_rows = distributed.gather_rows
+
+    def counting_gather(tensor, group, sizes):
+        gathered.append(max(sizes) * len(sizes) * tensor[:1].numel() * tensor.element_size())
+        return gather_rows(tensor, group, sizes)
+
+    distributed.gather_rows = counting_gather
+    learner = _learner(model, rule, options)
     x, y = _batch(args.T, args.batch_size)
     half = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
     times = []
@@ -85,37 +119,35 @@ def _ddp_worker(rank: int, world: int, port: int, args, defer: bool, out: str) -
         learner.step(x[:, half], y[half])
         if index:
             times.append(time.perf_counter() - start)
-    per_batch_calls = len(calls) / (1 + args.batches)
-    per_batch_bytes = sum(calls) / (1 + args.batches)
+    batches = 1 + args.batches
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"s_per_batch": statistics.median(times), "allreduce_calls": per_batch_calls,
-                       "allreduce_mb": per_batch_bytes / 2 ** 20}, f)
+            json.dump({"s_per_batch": statistics.median(times), "allreduce_calls": len(calls) / batches,
+                       "allreduce_mb": sum(calls) / batches / 2 ** 20,
+                       "allgather_mb": sum(gathered) / batches / 2 ** 20}, f)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run_distributed(args, defer: bool) -> Dict:
+def run_distributed(args, mode: str) -> Dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        mp.spawn(_ddp_worker, args=(2, _free_port(), args, defer, out), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, _free_port(), args, mode, out), nprocs=2, join=True)
         with open(out) as f:
             return json.load(f)
 
 
-def run_single(args) -> Dict:
+def run_single(args, rule: str) -> Dict:
     import torch
     from spikingjelly.activation_based import functional
-
-    import snn_localrules as slr
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     net = _model()
     functional.set_step_mode(net, "m")
-    learner = slr.wrap(net, rule="sltt", optimizer=torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9))
+    learner = _learner(net, rule, {})
     x, y = _batch(args.T, args.batch_size)
     times = []
     for index in range(1 + args.batches):
@@ -123,7 +155,7 @@ def run_single(args) -> Dict:
         learner.step(x, y)
         if index:
             times.append(time.perf_counter() - start)
-    return {"s_per_batch": statistics.median(times), "allreduce_calls": 0, "allreduce_mb": 0.0}
+    return {"s_per_batch": statistics.median(times), "allreduce_calls": 0, "allreduce_mb": 0.0, "allgather_mb": 0.0}
 
 
 # -- mixed precision (fresh process per configuration) ------------------------------------------------
@@ -187,17 +219,21 @@ def main(argv=None) -> int:
         return 0
 
     results = {
-        "single process, whole batch": run_single(args),
-        "2 processes, sync once per batch (ours)": run_distributed(args, defer=True),
-        "2 processes, sync after every step": run_distributed(args, defer=False),
+        "SLTT, single process, whole batch": run_single(args, "sltt"),
+        "SLTT, 2 processes, sync once per batch (ours)": run_distributed(args, "sltt-once"),
+        "SLTT, 2 processes, sync after every step": run_distributed(args, "sltt-every-step"),
+        "TP, single process, whole batch": run_single(args, "tp"),
+        "TP, 2 processes, global contrast (default)": run_distributed(args, "tp-global"),
+        "TP, 2 processes, contrast within each process": run_distributed(args, "tp-local"),
     }
     amp = {precision: run_amp(args, precision) for precision in ("fp32", "bf16")}
-    print(f"Online SLTT, VGG-like SNN (memory_vs_T.py's), T={args.T}, batch {args.batch_size} (split over the "
+    print(f"VGG-like SNN (memory_vs_T.py's), T={args.T}, batch {args.batch_size} (split over the "
           "processes), gloo on CPU, 1 thread per process")
-    print("| configuration | s / batch | all-reduce calls / batch | MB all-reduced / batch |")
-    print("|---|---|---|---|")
+    print("| configuration | s / batch | all-reduce calls / batch | MB all-reduced / batch | MB all-gathered / batch |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['s_per_batch']:.3f} | {r['allreduce_calls']:.0f} | {r['allreduce_mb']:.1f} |")
+        print(f"| {name} | {r['s_per_batch']:.3f} | {r['allreduce_calls']:.0f} | {r['allreduce_mb']:.1f} "
+              f"| {r['allgather_mb']:.2f} |")
     print()
     print("| precision (CPU autocast) | s / batch | peak memory growth |")
     print("|---|---|---|")
