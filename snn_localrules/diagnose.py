@@ -25,6 +25,7 @@ import torch.nn as nn
 from .adapter import NeuronAdapter
 from .errors import LossError, WrapError
 from .functional.losses import StepLoss, resolve_step_loss
+from .memory import SavedBytes, storage_keys
 from .plugins import plugin_manager
 from .rules.base import OutputChoice, check_devices, check_sequence_batch, run_in_time
 from .wrap import find_neurons, learner_of, wrap
@@ -183,44 +184,6 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
 
 
-class _SavedBytes:
-    """Counts the bytes of the distinct storages autograd saves for backward while active, leaving out
-    the storages in ``exclude`` (parameters, buffers, the input: they exist whatever the rule)."""
-
-    def __init__(self, exclude: set):
-        self.exclude = exclude
-        self.storages: Dict[Tuple[str, int], int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type != "meta":
-            storage = tensor.untyped_storage()
-            key = (str(tensor.device), storage.data_ptr())
-            # a saved storage stays alive in the graph while counting, so its address is not reused
-            if key[1] and key not in self.exclude:
-                self.storages[key] = storage.nbytes()
-        return tensor
-
-    @staticmethod
-    def unpack(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-    def __enter__(self) -> "_SavedBytes":
-        self._context = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-        self._context.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._context.__exit__(*exc)
-
-
-def _storage_keys(tensors: Sequence[torch.Tensor]) -> set:
-    return {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors if t.device.type != "meta"}
-
-
 def _reset(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
     for neuron in neurons:
         neuron.reset_state()
@@ -357,7 +320,7 @@ def diagnose(
         )
 
     buffers = [(m, n, b, b.detach().clone()) for m in model.modules() for n, b in m._buffers.items() if b is not None]
-    exclude = _storage_keys([x_seq, *model.parameters(), *(b for _, _, b, _ in buffers)])
+    exclude = storage_keys([x_seq, *model.parameters(), *(b for _, _, b, _ in buffers)])
     rng = _rng_states(x_seq.device)
 
     def restore_buffers() -> None:
@@ -374,7 +337,7 @@ def diagnose(
     step_bytes: Optional[int] = None
     try:
         fresh_start()
-        with torch.enable_grad(), _SavedBytes(exclude) as bptt_saved:
+        with torch.enable_grad(), SavedBytes(exclude) as bptt_saved:
             bptt_loss = _batch_loss(model, x_seq, y, step_loss, sequence_model, choice)
         g_bptt = _gradients(bptt_loss, params)
         loss_value = float(bptt_loss.detach())
@@ -432,7 +395,7 @@ def _online_step_bytes(
     most = 0
     with torch.enable_grad():
         for t in range(T):
-            with _SavedBytes(exclude) as saved:
+            with SavedBytes(exclude) as saved:
                 (out,) = run_in_time(model, x_seq[t : t + 1], sequence_model, choice)
                 step = _step_loss(step_loss, out, y, t) / T
             most = max(most, saved.total)

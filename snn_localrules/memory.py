@@ -1,0 +1,62 @@
+"""Measuring the memory autograd keeps for backward, the same way on every device: the bytes of the
+distinct storages saved while a forward runs (``torch.autograd.graph.saved_tensors_hooks``). Used by
+:func:`snn_localrules.diagnose` and by online SLTT's ``chunk="auto"``."""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple, Union
+
+import torch
+
+
+class SavedBytes:
+    """Counts the bytes of the distinct storages autograd saves for backward while active, leaving out
+    the storages in ``exclude`` (parameters, buffers, the input: they exist whatever the rule)."""
+
+    def __init__(self, exclude: set):
+        self.exclude = exclude
+        self.storages: Dict[Tuple[str, int], int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            # a saved storage stays alive in the graph while counting, so its address is not reused
+            if key[1] and key not in self.exclude:
+                self.storages[key] = storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+    def __enter__(self) -> "SavedBytes":
+        self._context = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._context.__exit__(*exc)
+
+
+def storage_keys(tensors: Sequence[torch.Tensor]) -> set:
+    return {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors if t.device.type != "meta"}
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes: the GPU's on CUDA, the machine's physical memory otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import os
+
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def memory_budget(max_memory: Union[int, float], device: torch.device) -> float:
+    """Bytes of a budget given as bytes (int) or as a fraction (float in (0, 1]) of the device's memory."""
+    if isinstance(max_memory, float):
+        return max_memory * device_memory(device)
+    return float(max_memory)
