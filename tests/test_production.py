@@ -31,7 +31,7 @@ def _fresh_model(step_mode):
 
 
 # -- torch.distributed ---------------------------------------------------------------------------
-def _ddp_worker(rank, world, port, step_mode, K, out_dir):
+def _ddp_worker(rank, world, port, step_mode, K, chunk, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -48,7 +48,7 @@ def _ddp_worker(rank, world, port, step_mode, K, out_dir):
 
         model.register_comm_hook(None, counting_allreduce)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        learner = slr.wrap(model, rule="sltt", optimizer=optimizer, K=K, seed=3)
+        learner = slr.wrap(model, rule="sltt", optimizer=optimizer, K=K, seed=3, chunk=chunk)
         per_batch = []
         for x, y in _data(batches=2):
             before = len(reductions)
@@ -64,11 +64,11 @@ def _ddp_worker(rank, world, port, step_mode, K, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("step_mode,K", [("s", None), ("m", None), ("s", 2)])
-def test_ddp_two_processes_match_single_process_on_the_whole_batch(tmp_path, step_mode, K):
+@pytest.mark.parametrize("step_mode,K,chunk", [("s", None, 1), ("m", None, 1), ("s", 2, 1), ("m", None, 2)])
+def test_ddp_two_processes_match_single_process_on_the_whole_batch(tmp_path, step_mode, K, chunk):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), step_mode, K, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), step_mode, K, chunk, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "ddp.pt")
 
     model = _fresh_model(step_mode)

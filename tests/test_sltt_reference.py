@@ -673,6 +673,23 @@ def test_api_online_mode(case: Case):
         torch.testing.assert_close(named[name].detach(), p[key].detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("chunk", [2, T_STEPS])
+@pytest.mark.parametrize("case", _params(ONLINE_CASES))
+def test_api_online_mode_chunked(case: Case, chunk: int):
+    # c steps per forward call and one backward of their summed losses: the state is still cut at every
+    # step, so the gradient is the per-step reference's for any c
+    slr = _slr()
+    model, names = build_model(case)
+    x, y = make_data(case)
+    ref = reference(case, ref_params_from(model, names), x, y, sltt=True)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), chunk=chunk)
+    try:
+        learner.step(x, y)
+        assert_grads_match(case, model, names, ref.grads, f"online step(), chunk={chunk}")
+    finally:
+        learner.unwrap()
+
+
 @pytest.mark.parametrize("case", _params([c for c in ONLINE_CASES if c.id in (
     "sj-s-lif-decayin-hard-graphreset-f64", "sj-m-plif-decayin-hard-f64", "snn-hidden-synaptic-subtract-f32")]))
 def test_api_online_mode_applies_one_sgd_update(case: Case):

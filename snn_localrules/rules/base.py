@@ -166,6 +166,24 @@ def check_precision(autocast: Any, scaler: Any, online: bool) -> None:
             raise WrapError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}.")
 
 
+def check_chunk(chunk: Any, max_memory: Any, online: bool) -> None:
+    """Validate online SLTT's ``chunk=`` and ``max_memory=`` options."""
+    if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise WrapError(f"chunk must be a positive int (steps per backward) or 'auto', got {chunk!r}.")
+    if chunk != 1 and not online:
+        raise WrapError("chunk= sets how online mode groups its steps; it needs optimizer=... (online mode).")
+    if chunk == "auto":
+        if max_memory is None:
+            raise WrapError("chunk='auto' needs max_memory=: a budget in bytes, or a fraction of the device's memory.")
+        if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
+            raise WrapError(f"max_memory must be bytes (a positive int) or a fraction in (0, 1], got {max_memory!r}.")
+        if isinstance(max_memory, float) and max_memory > 1:
+            raise WrapError(f"max_memory={max_memory!r}: a float is a fraction of the device's memory, in (0, 1]; "
+                            "give bytes as an int.")
+    elif max_memory is not None:
+        raise WrapError("max_memory= is the budget of chunk='auto'; pass chunk='auto' too, or drop max_memory.")
+
+
 def autocast_context(autocast: Union[None, bool, torch.dtype], device_type: str):
     """``torch.autocast`` for the learner's ``autocast=`` option (a no-op context when it is off)."""
     if not autocast:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..adapter import NeuronAdapter
 from ..errors import LossError, NonFiniteLossError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss
+from ..memory import SavedBytes, memory_budget, storage_keys
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks
 from .base import (
@@ -25,6 +26,7 @@ from .base import (
     all_finite,
     autocast_context,
     check_optimizer,
+    check_chunk,
     check_precision,
     check_sequence_batch,
     contiguous_runs,
@@ -139,6 +141,9 @@ class SLTT(Rule):
     :param T: if given, every batch must have exactly T steps.
     :param nograd_chunk: SLTT-K runs the steps it does not backpropagate forward only, as multi-step
         calls of at most this many steps (multi-step models): longer is faster, shorter holds less.
+        ``None`` (default): on CUDA one call per run of unselected steps (launches are what cost there,
+        and a no-grad call frees each layer's activations as it goes), on CPU at most 4 steps per call
+        (measured on the project's CPU machine: 8 held about 30 MB more at T=16 for little gain).
     :param fused: run a multi-step call of a neuron that has a fused SLTT form (SpikingJelly ``IFNode``,
         ``LIFNode``, ``ParametricLIFNode``) as one call with an elementwise backward over all its steps
         (:mod:`snn_localrules.functional.sltt_multistep`) instead of step by step: the same gradients,
@@ -147,6 +152,17 @@ class SLTT(Rule):
         default autocast dtype: bfloat16 on CPU, float16 on CUDA) or a dtype. Each step's forward and loss
         run under ``torch.autocast``; backward runs outside it. Running :meth:`step` inside your own
         ``torch.autocast`` block works too.
+    :param chunk: online mode: how many consecutive backpropagated steps share one forward call (a
+        multi-step model gets ``[c, B, ...]`` in one call, its neurons fused where they can be) and one
+        backward, of the sum of their per-step losses. The neurons' state is cut at every step as always,
+        so the gradients are SLTT's for any ``c`` (with batch norm in a multi-step model, its statistics
+        are over ``c*B`` samples, as in any multi-step call). ``1`` (default): one step per backward, the
+        least memory. Larger ``c``: fewer, larger calls (faster on a GPU), ``c`` steps' activations held.
+        ``"auto"``: the largest ``c`` whose saved activations fit ``max_memory``, measured on the first
+        batch (the bytes autograd saves for one step, times ``c``) and kept from then on.
+    :param max_memory: the budget of ``chunk="auto"``: bytes, or a fraction (0, 1] of the device's memory
+        (the GPU's total memory on CUDA, the machine's physical memory on CPU) for the activations
+        autograd saves for one chunk.
     :param scaler: a ``torch.amp.GradScaler`` for float16: each step's loss is scaled before its backward,
         and once per batch the scaler unscales, checks for inf/NaN, steps the optimizer (or skips the whole
         batch, ``stats.skipped``) and updates its scale.
@@ -170,10 +186,12 @@ class SLTT(Rule):
         output: OutputChoice = None,
         multi_step: Optional[bool] = None,
         T: Optional[int] = None,
-        nograd_chunk: int = 4,
+        nograd_chunk: Optional[int] = None,
         fused: bool = True,
         autocast: Union[None, bool, torch.dtype] = None,
         scaler: Optional[Any] = None,
+        chunk: Union[int, str] = 1,
+        max_memory: Union[None, int, float] = None,
     ):
         super().__init__(model, neurons)
         self.optimizer = optimizer
@@ -196,14 +214,19 @@ class SLTT(Rule):
             raise WrapError(f"K must be a positive int (steps backpropagated per batch) or None, got {K!r}.")
         if sample not in ("random", "last"):
             raise WrapError(f"sample must be 'random' or 'last', got {sample!r}.")
-        if not isinstance(nograd_chunk, int) or nograd_chunk < 1:
-            raise WrapError(f"nograd_chunk must be a positive int, got {nograd_chunk!r}.")
+        if nograd_chunk is not None and (not isinstance(nograd_chunk, int) or isinstance(nograd_chunk, bool)
+                                         or nograd_chunk < 1):
+            raise WrapError(f"nograd_chunk must be a positive int or None, got {nograd_chunk!r}.")
         if T is not None and (not isinstance(T, int) or T < 1):
             raise WrapError(f"T must be a positive int or None, got {T!r}.")
         if not isinstance(fused, bool):
             raise WrapError(f"fused must be True or False, got {fused!r}.")
         self.fused = fused
         check_precision(autocast, scaler, self.online)
+        check_chunk(chunk, max_memory, self.online)
+        self.chunk = chunk
+        self.max_memory = max_memory
+        self.chunk_size: Optional[int] = None if chunk == "auto" else chunk  # "auto": set by the first batch
         self.autocast = autocast
         self.scaler = scaler
         self.step_loss = resolve_step_loss(loss, plugin_answer=lambda obj: plugin_manager().hook.slr_step_loss(loss=obj))
@@ -264,29 +287,40 @@ class SLTT(Rule):
         total: Optional[torch.Tensor] = None  # summed on the loss's device: no host sync per step
         counts: Optional[torch.Tensor] = None
         finite: List[torch.Tensor] = []
+        starts: List[int] = []  # the first step of each backward, to name the step whose loss is not finite
         skipped = False
         try:
             for start, stop, backprop in contiguous_runs(selected, T):
                 if backprop:
-                    for t in range(start, stop):
-                        deferred = callable(no_sync) and t != last_backprop
+                    a = start
+                    while a < stop:
+                        measure = self.chunk_size is None  # chunk="auto": this first step is measured
+                        b = min(a + (1 if measure else self.chunk_size), stop)
+                        deferred = callable(no_sync) and b - 1 != last_backprop
                         with no_sync() if deferred else contextlib.nullcontext():
-                            with self._autocast_context(x_seq):
-                                (out,) = run_in_time(self.model, x_seq[t : t + 1], sequence_model, self.output)
-                                loss_t = self._step_loss(out, y, t) / T
-                            finite.append(torch.isfinite(loss_t))  # checked once per batch: no sync per step
-                            (self.scaler.scale(loss_t) if self.scaler is not None else loss_t).backward()
-                        total = loss_t.detach() if total is None else total + loss_t.detach()
-                        counts = _accumulate(counts, out)
+                            with self._autocast_context(x_seq), self._saved_bytes(measure, x_seq) as saved:
+                                outs = run_in_time(self.model, x_seq[a:b], sequence_model, self.output)
+                                loss_c = sum(self._step_loss(out, y, t) for t, out in zip(range(a, b), outs)) / T
+                            finite.append(torch.isfinite(loss_c))  # checked once per batch: no sync per step
+                            starts.append(a)
+                            (self.scaler.scale(loss_c) if self.scaler is not None else loss_c).backward()
+                        if measure:
+                            self.chunk_size = self._auto_chunk(saved.total, x_seq)
+                        total = loss_c.detach() if total is None else total + loss_c.detach()
+                        for out in outs:
+                            counts = _accumulate(counts, out)
+                        del outs, loss_c
+                        a = b
                 else:
                     # steps that are not backpropagated: forward only, in multi-step calls of at most
                     # nograd_chunk steps (fast, and memory stays bounded whatever T is)
                     with torch.no_grad(), self._autocast_context(x_seq):
-                        for a in range(start, stop, self.nograd_chunk):
-                            chunk = x_seq[a : min(a + self.nograd_chunk, stop)]
+                        longest = self._nograd_chunk(x_seq, stop - start)
+                        for a in range(start, stop, longest):
+                            chunk = x_seq[a : min(a + longest, stop)]
                             for out in run_in_time(self.model, chunk, sequence_model, self.output):
                                 counts = _accumulate(counts, out)
-            self._check_finite(finite, selected, total)
+            self._check_finite(finite, starts, total)
             if self.scaler is not None:
                 # the scaler unscales, skips the step if any gradient overflowed, and adapts its scale:
                 # once per batch, however many steps were backpropagated
@@ -307,13 +341,29 @@ class SLTT(Rule):
         return StepStats(loss=float(total) if total is not None else 0.0, steps=selected, output_counts=counts,
                          T=T, skipped=skipped)
 
+    def _nograd_chunk(self, x_seq: torch.Tensor, run: int) -> int:
+        if self.nograd_chunk is not None:
+            return self.nograd_chunk
+        return run if x_seq.device.type == "cuda" else 4
+
     def _autocast_context(self, x_seq: torch.Tensor):
         return autocast_context(self.autocast, x_seq.device.type)
 
+    def _saved_bytes(self, measure: bool, x_seq: torch.Tensor):
+        if not measure:
+            return contextlib.nullcontext()
+        buffers = [b for b in self.model.buffers()]
+        return SavedBytes(storage_keys([x_seq, *self.model.parameters(), *buffers]))
+
+    def _auto_chunk(self, step_bytes: int, x_seq: torch.Tensor) -> int:
+        """``chunk="auto"``: the most steps whose saved activations (``step_bytes`` each) fit the budget."""
+        budget = memory_budget(self.max_memory, x_seq.device)
+        return max(1, min(x_seq.shape[0], int(budget // max(step_bytes, 1))))
+
     @staticmethod
-    def _check_finite(finite: List[torch.Tensor], selected: List[int], total: Optional[torch.Tensor]) -> None:
+    def _check_finite(finite: List[torch.Tensor], starts: List[int], total: Optional[torch.Tensor]) -> None:
         if finite and not bool(torch.stack(finite).all()):
-            first = selected[int((~torch.stack(finite)).nonzero()[0])]
+            first = starts[int((~torch.stack(finite)).nonzero()[0])]
             raise NonFiniteLossError(
                 f"the loss at time step {first} is not finite (batch loss {float(total)}); nothing was "
                 "updated. Check the input scale and the learning rate (a diverged model gives NaN outputs)."
@@ -371,7 +421,8 @@ class SLTT(Rule):
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        state.update(K=self.K, sample=self.sample, seed=self.seed, T=self.T, generator=self.generator.get_state())
+        state.update(K=self.K, sample=self.sample, seed=self.seed, T=self.T, generator=self.generator.get_state(),
+                     chunk=self.chunk, max_memory=self.max_memory, chunk_size=self.chunk_size)
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         if self.scaler is not None:
@@ -382,6 +433,8 @@ class SLTT(Rule):
         super().load_state_dict(state)
         self.K, self.sample, self.seed, self.T = state["K"], state["sample"], state["seed"], state["T"]
         self.generator.set_state(state["generator"])
+        if "chunk" in state:
+            self.chunk, self.max_memory, self.chunk_size = state["chunk"], state["max_memory"], state["chunk_size"]
         if "optimizer" in state and self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and self.scaler is not None:

@@ -1,0 +1,242 @@
+"""Online SLTT with ``chunk=c``: c steps per forward and per backward, the same SLTT gradients, fewer
+backward calls, more activations held; ``chunk="auto"`` from a memory budget. (The per-neuron gradient
+checks against the hand-written reference are in test_sltt_reference.py::test_api_online_mode_chunked.)"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import snn_localrules as slr
+from snn_localrules.memory import SavedBytes, memory_budget, storage_keys
+from tests.models import sj_mlp, snn_sequential
+
+T, B = 7, 6
+
+
+def _data(batches=2, features=12, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(T, B, features, generator=g) * 2.0, torch.randint(0, 5, (B,), generator=g))
+            for _ in range(batches)]
+
+
+def _sj_conv_no_bn(step_mode):
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    model = nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1), neuron.LIFNode(tau=2.0, detach_reset=True),
+        layer.Conv2d(4, 4, 3, padding=1), neuron.IFNode(v_reset=None),
+        layer.Flatten(), layer.Linear(4 * 6 * 6, 5), neuron.LIFNode(tau=3.0),
+    )
+    functional.set_step_mode(model, step_mode)
+    return model
+
+
+MODELS = {
+    "sj-mlp-s": (lambda: sj_mlp("LIFNode", step_mode="s", tau=2.0), 12),
+    "sj-mlp-m": (lambda: sj_mlp("ParametricLIFNode", step_mode="m"), 12),
+    "sj-conv-m": (lambda: _sj_conv_no_bn("m"), (1, 6, 6)),
+    "snntorch": (lambda: snn_sequential("Leaky"), 12),
+}
+
+
+def _batches(features):
+    if isinstance(features, tuple):
+        g = torch.Generator().manual_seed(5)
+        return [(torch.rand(T, B, *features, generator=g) * 2.0, torch.randint(0, 5, (B,), generator=g))
+                for _ in range(2)]
+    return _data(features=features)
+
+
+def _train(name, chunk, K=None, momentum=0.9):
+    build, features = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=momentum)
+    learner = slr.wrap(model, rule="sltt", optimizer=optimizer, chunk=chunk, K=K, seed=11)
+    losses = [learner.step(x, y).loss for x, y in _batches(features)]
+    return model, learner, losses
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("chunk", [2, 3, T])
+def test_chunked_training_equals_one_step_per_backward(name, chunk):
+    reference, _, ref_losses = _train(name, 1)
+    model, _, losses = _train(name, chunk)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sj-mlp-s", "sj-mlp-m"])
+def test_chunk_with_sltt_k_backpropagates_the_same_steps(name):
+    reference, ref_learner, _ = _train(name, 1, K=4)
+    model, learner, _ = _train(name, 2, K=4)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(learner.generator.get_state(), ref_learner.generator.get_state())
+
+
+def _count_backwards(model, learner, x, y):
+    calls = []
+    weight = next(p for p in model.parameters() if p.requires_grad)
+    handle = weight.register_hook(lambda g: calls.append(1))  # fires once per backward through it
+    try:
+        stats = learner.step(x, y)
+    finally:
+        handle.remove()
+    return len(calls), stats
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, T, T + 5])
+def test_one_backward_per_chunk(chunk):
+    model = sj_mlp("LIFNode", step_mode="m", tau=2.0)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), chunk=chunk)
+    (x, y), _ = _data()
+    backwards, stats = _count_backwards(model, learner, x, y)
+    assert backwards == math.ceil(T / chunk)
+    assert stats.steps == list(range(T))
+
+
+def test_chunks_do_not_span_sltt_k_gaps():
+    model = sj_mlp("LIFNode", step_mode="m", tau=2.0)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       chunk=3, K=5, sample="last")
+    (x, y), _ = _data()
+    backwards, stats = _count_backwards(model, learner, x, y)
+    assert stats.steps == [2, 3, 4, 5, 6] and backwards == 2  # [2, 3, 4] and [5, 6]
+
+
+def _saved_per_step(model, x, y, chunk):
+    """Most bytes autograd holds for one backward, measured in the learner's own loop."""
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), chunk=chunk)
+    most = []
+    original = learner._saved_bytes
+
+    def always_measure(measure, x_seq):
+        meter = SavedBytes(storage_keys([x_seq, *model.parameters(), *model.buffers()]))
+        most.append(meter)
+        return meter
+
+    learner._saved_bytes = always_measure
+    try:
+        learner.step(x, y)
+    finally:
+        learner._saved_bytes = original
+        learner.unwrap()
+    return max(m.total for m in most)
+
+
+def test_chunk_holds_c_steps_of_activations():
+    model = _sj_conv_no_bn("m")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(8, B, 1, 6, 6, generator=g) * 2, torch.randint(0, 5, (B,), generator=g)
+    one = _saved_per_step(model, x, y, 1)
+    four = _saved_per_step(model, x, y, 4)
+    assert 3.5 * one <= four <= 4.5 * one
+
+
+@pytest.mark.parametrize("steps_fitting", [1, 2, 5, T, 100])
+def test_auto_chunk_is_the_largest_that_fits_the_budget(steps_fitting):
+    (x, y), _ = _data()
+    probe = sj_mlp("LIFNode", step_mode="m", tau=2.0)
+    one = _saved_per_step(probe, x[:1], y, 1)
+    model = sj_mlp("LIFNode", step_mode="m", tau=2.0)
+    budget = int(one * (steps_fitting + 0.5))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       chunk="auto", max_memory=budget)
+    assert learner.chunk_size is None  # measured on the first batch
+    backwards, _ = _count_backwards(model, learner, x, y)
+    chosen = min(steps_fitting, T)
+    assert learner.chunk_size == chosen
+    assert backwards == 1 + math.ceil((T - 1) / chosen)  # the measured first step, then chunks
+    backwards, _ = _count_backwards(model, learner, x, y)
+    assert backwards == math.ceil(T / chosen)  # kept for later batches
+    assert learner.state_dict()["chunk_size"] == chosen
+
+
+def test_auto_chunk_trains_like_chunk_one():
+    reference, _, _ = _train("sj-mlp-m", 1)
+    build, _ = MODELS["sj-mlp-m"]
+    torch.manual_seed(0)
+    model = build()
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9),
+                       chunk="auto", max_memory=0.5, seed=11)
+    for x, y in _data():
+        learner.step(x, y)
+    assert learner.chunk_size == T  # a tiny MLP fits any machine's half
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_budget_reads_bytes_and_fractions():
+    assert memory_budget(12345, torch.device("cpu")) == 12345
+    half = memory_budget(0.5, torch.device("cpu"))
+    assert 0 < half == memory_budget(1.0, torch.device("cpu")) / 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(chunk=0), "positive int"),
+    (dict(chunk=-2), "positive int"),
+    (dict(chunk=2.0), "positive int"),
+    (dict(chunk=True), "positive int"),
+    (dict(chunk="fast"), "positive int"),
+    (dict(chunk="auto"), "needs max_memory"),
+    (dict(chunk="auto", max_memory=0), "max_memory must be"),
+    (dict(chunk="auto", max_memory=1.5), "fraction"),
+    (dict(chunk="auto", max_memory="1GB"), "max_memory must be"),
+    (dict(chunk=2, max_memory=10 ** 9), "budget of chunk='auto'"),
+])
+def test_bad_chunk_options_are_refused_without_touching_the_model(kwargs, match):
+    from tests.conftest import assert_same_snapshot, snapshot
+
+    model = sj_mlp("LIFNode", step_mode="m", tau=2.0)
+    before = snapshot(model)
+    with pytest.raises(slr.WrapError, match=match):
+        slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_chunk_needs_online_mode():
+    model = sj_mlp("LIFNode", step_mode="m", tau=2.0)
+    with pytest.raises(slr.WrapError, match="online mode"):
+        slr.wrap(model, rule="sltt", chunk=2)
+
+
+def test_checkpoint_keeps_the_chunk(tmp_path):
+    model = sj_mlp("LIFNode", step_mode="m", tau=2.0)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       chunk="auto", max_memory=10 ** 9)
+    (x, y), _ = _data()
+    learner.step(x, y)
+    learner.save(tmp_path / "c.pt")
+    learner.unwrap()
+    other = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     chunk="auto", max_memory=10 ** 9)
+    other.load(tmp_path / "c.pt")
+    assert other.chunk_size == learner.chunk_size == T
+
+
+def _nograd_call_lengths(device, **kwargs):
+    model = sj_mlp("LIFNode", step_mode="m", tau=2.0).to(device)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       K=2, sample="last", **kwargs)
+    lengths = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args: lengths.append(args[0].shape[0]) if not torch.is_grad_enabled() else None)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(12, B, 12, generator=g).to(device), torch.randint(0, 5, (B,), generator=g).to(device)
+    learner.step(x, y)  # steps 0..9 forward only, 10 and 11 backpropagated
+    handle.remove()
+    return lengths
+
+
+def test_sltt_k_forward_only_runs_in_calls_of_at_most_nograd_chunk_steps():
+    assert _nograd_call_lengths("cpu") == [4, 4, 2]  # CPU default: at most 4 steps per call
+    assert _nograd_call_lengths("cpu", nograd_chunk=10) == [10]
+    assert _nograd_call_lengths("cpu", nograd_chunk=3) == [3, 3, 3, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sltt_k_forward_only_is_one_call_per_run_on_cuda():
+    assert _nograd_call_lengths("cuda") == [10]
