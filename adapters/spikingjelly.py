@@ -5,22 +5,34 @@ Any ``MemoryModule`` that keeps a membrane memory ``v`` is a neuron: ``IFNode``,
 subclasses of ``BaseNode`` / ``SimpleBaseNode``. All of its memories (``v`` and e.g. adaptation ``w``) are
 its carried state. Both step modes are supported; ``functional.reset_net`` keeps working, since no module
 of the model is replaced.
+
+SpikingJelly 0.0.0.0.14's legacy package ``spikingjelly.clock_driven`` (which many published models pin) is
+supported too: its neurons derive from another ``MemoryModule`` (``clock_driven.base``). Its single-step
+classes (``IFNode``, ``LIFNode``, ``ParametricLIFNode``, ...) take ``[B, ...]``; its ``MultiStep*`` classes
+take ``[T, B, ...]`` and are stepped through the single-step parent's ``forward`` whatever their
+``backend``, so a ``backend='cupy'`` neuron trains in plain torch (on CPU, or on a GPU without CuPy).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from snn_localrules.adapter import NeuronAdapter, NeuronInfo, stack_steps
+from snn_localrules.errors import UnsupportedModelError
 from snn_localrules.hookspecs import hookimpl
 
 _BASE = "spikingjelly.activation_based.base"
 _NEURON_PACKAGE = "spikingjelly.activation_based.neuron"
 _SURROGATE = "spikingjelly.activation_based.surrogate"
+# SpikingJelly <= 0.0.0.0.14's legacy package: a MemoryModule class of its own, no step_mode
+_LEGACY_BASE = "spikingjelly.clock_driven.base"
+_LEGACY_NEURON_PACKAGE = "spikingjelly.clock_driven.neuron"
 
 # SpikingJelly classes whose multi-step forward snn_localrules.functional.sltt_multistep reproduces exactly
 _FUSABLE_CLASSES = {"IFNode": "if", "LIFNode": "lif", "ParametricLIFNode": "plif"}
@@ -105,6 +117,18 @@ def _base_module():
     return sys.modules.get(_BASE)
 
 
+def _nothing() -> None:
+    pass
+
+
+def _backend_runs_here(module: nn.Module, x: Any) -> bool:
+    """False when ``module`` would run a CuPy kernel that cannot run on ``x``: ``backend='cupy'`` and
+    ``x`` is not a CUDA tensor or CuPy is not installed (SpikingJelly imports it when it is)."""
+    if getattr(module, "backend", "torch") != "cupy":
+        return True
+    return isinstance(x, torch.Tensor) and x.is_cuda and sys.modules.get("cupy") is not None
+
+
 def _is_neuron(module: nn.Module, base) -> bool:
     memories = getattr(module, "_memories", None)
     return isinstance(module, base.MemoryModule) and isinstance(memories, dict) and "v" in memories
@@ -152,6 +176,14 @@ class SpikingJellyNeuron(NeuronAdapter):
     def single_step(self, x: torch.Tensor, *args, **kwargs) -> Any:
         return type(self.module).single_step_forward(self.module, x, *args, **kwargs)
 
+    def own_forward(self, x: torch.Tensor, *args, **kwargs) -> Any:
+        # A multi-step call whose backend is CuPy's, where CuPy cannot run (a CPU tensor, or no CuPy: a
+        # model built on a GPU box and loaded elsewhere), runs step by step in torch: SpikingJelly's torch
+        # multi-step forward, the reference its CUDA kernels reproduce.
+        if self.multi_step and not args and not kwargs and not _backend_runs_here(self.module, x):
+            return self.run_steps(x, _nothing)
+        return super().own_forward(x, *args, **kwargs)
+
     def run_steps(self, x_seq: torch.Tensor, before_step) -> torch.Tensor:
         # With ``store_v_seq`` a multi-step call leaves the post-reset membrane of every step in
         # ``v_seq`` [T, N, *]; keep that contract when the sequence is run step by step.
@@ -173,11 +205,19 @@ class SpikingJellyNeuron(NeuronAdapter):
         from snn_localrules.functional.sltt_multistep import sltt_multi_step
 
         module = self.module
-        (v,) = module.materialize_states((x_seq,), tuple(module._memories.values()), "m")
+        materialize = getattr(module, "materialize_states", None)
+        if callable(materialize):
+            (v,) = materialize((x_seq,), tuple(module._memories.values()), "m")
+            derivative = surrogate_derivative(module.surrogate_function)
+        else:
+            # before 2.0 v stays a float until the first step fills a tensor with it (v_float_to_tensor);
+            # the closed-form derivatives are tested against 2.0's surrogates only: autograd of the object
+            v = module.v if isinstance(module.v, torch.Tensor) else torch.full_like(x_seq[0], module.v)
+            derivative = None
         spikes, v, v_seq = sltt_multi_step(
             x_seq, v, kind,
             surrogate_function=module.surrogate_function,
-            surrogate_derivative=surrogate_derivative(module.surrogate_function),
+            surrogate_derivative=derivative,
             tau=getattr(module, "tau", 2.0),
             w=getattr(module, "w", None),
             decay_input=getattr(module, "decay_input", True),
@@ -187,7 +227,8 @@ class SpikingJellyNeuron(NeuronAdapter):
             store_v_seq=module.store_v_seq,
         )
         module._memories["v"] = v
-        module.v_seq = v_seq  # None without store_v_seq, as SpikingJelly's own multi-step forward sets it
+        if callable(materialize):  # before 2.0 only store_v_seq makes v_seq, and then nothing is fused
+            module.v_seq = v_seq  # None without store_v_seq, as SpikingJelly's own multi-step forward sets it
         return spikes
 
 
@@ -212,6 +253,19 @@ def _deterministic_surrogate(function: Any) -> bool:
     return not any(isinstance(p, torch.Tensor) and p.requires_grad for p in params.values())
 
 
+def _older_forward_matches(module: nn.Module, kind: str) -> bool:
+    """Whether the fused forward equals this neuron's own, for SpikingJelly before 2.0 (0.0.0.0.14: no
+    ``materialize_states``). Its IF/LIF/PLIF training forward runs the same operations in the same order
+    as the fused one (tests/test_sj_legacy.py checks it), except: in eval mode it runs a Heaviside without
+    surrogate (no gradient), and LIF/PLIF without ``decay_input`` and with a zero rest charge
+    ``v * (1 - 1/tau) + x``, which rounds differently from ``v - v/tau + x``. Those are stepped."""
+    if not module.training:
+        return False
+    if kind != "if" and module.decay_input is False and (module.v_reset is None or module.v_reset == 0.0):
+        return False
+    return True
+
+
 def _fusable_kind(module: nn.Module, x_seq: torch.Tensor) -> Optional[str]:
     """Which fused SLTT neuron reproduces ``module``'s multi-step call on ``x_seq``, or None.
 
@@ -220,8 +274,8 @@ def _fusable_kind(module: nn.Module, x_seq: torch.Tensor) -> Optional[str]:
     to match bit for bit.
     """
     kind = _fusable_class(type(module))
-    if kind is None or not callable(getattr(module, "materialize_states", None)):
-        return None  # SpikingJelly before 2.0 (0.0.0.0.14) has another state API: stepped instead
+    if kind is None:
+        return None
     if tuple(module._memories) != ("v",) or getattr(module, "_neuron_precision", None) is not None:
         return None
     if not isinstance(x_seq, torch.Tensor) or x_seq.device.type != "cpu" or x_seq.ndim < 1 or x_seq.shape[0] < 1:
@@ -240,6 +294,8 @@ def _fusable_kind(module: nn.Module, x_seq: torch.Tensor) -> Optional[str]:
         w = getattr(module, "w", None)
         if not isinstance(w, torch.Tensor) or w.ndim != 0 or w.dtype not in (torch.float32, torch.float64):
             return None
+    if not callable(getattr(module, "materialize_states", None)) and not _older_forward_matches(module, kind):
+        return None
     return kind
 
 
@@ -250,26 +306,140 @@ class SpikingJellyRecurrentContainer(SpikingJellyNeuron):
     is_layer = False
 
 
+def _legacy_base_module():
+    """``spikingjelly.clock_driven.base`` if the program imported it, else None (never imports it)."""
+    return sys.modules.get(_LEGACY_BASE)
+
+
+def _takes_sequence(forward: Callable) -> bool:
+    """True when ``forward``'s input (its first argument after ``self``) is named ``x_seq``: SpikingJelly's
+    name for a ``[T, ...]`` input throughout ``clock_driven`` (``MultiStep*`` neurons, ``SeqToANNContainer``)."""
+    try:
+        params = list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2 and params[1] == "x_seq"
+
+
+# what _legacy_step_forward answers for a multi-step class that has no plain single step to run
+_NO_STEP: Any = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_step_forward(cls: type) -> Optional[Callable]:
+    """The single-step ``forward`` that a legacy multi-step neuron class loops over, or None when ``cls``
+    is single-step.
+
+    Step-mode test (clock_driven neurons have no ``step_mode``): each ``MultiStep*`` class subclasses a
+    single-step neuron (``MultiStepLIFNode(LIFNode)``) and overrides only ``forward``, declared over
+    ``x_seq`` ``[T, ...]``, whose torch backend calls ``super().forward(x_seq[t])`` per step (and whose cupy
+    backend runs a CUDA kernel instead). So ``cls`` is multi-step when the forward it runs is declared over
+    ``x_seq`` and a class further down its MRO defines a per-step ``forward``; that one is returned, which
+    is exactly what the torch backend calls. The argument name is what tells ``MultiStepLIFNode`` from
+    ``LIAFNode``: both subclass ``LIFNode`` and override only ``forward``, but LIAF's takes one step ``x``.
+    A chain of two sequence forwards (a user's ``forward(x_seq)`` around ``MultiStepLIFNode.forward``) is
+    refused by the caller: stepping the inner single step would skip the user's code.
+    """
+    mro = cls.__mro__
+    owners = [c for c in mro if "forward" in vars(c) and c is not nn.Module]
+    if not owners or not _takes_sequence(owners[0].forward):
+        return None
+    if len(owners) < 2 or _takes_sequence(owners[1].forward):
+        return _NO_STEP
+    return owners[1].forward
+
+
+class LegacySpikingJellyNeuron(SpikingJellyNeuron):
+    """Adapter for one neuron of SpikingJelly's legacy ``clock_driven`` package (0.0.0.0.14 and earlier).
+
+    Single-step classes take ``[B, ...]``. ``MultiStep*`` classes take ``[T, B, ...]`` and are run step by
+    step through the single-step parent's ``forward`` whatever ``backend`` says (their cupy backend needs
+    CuPy and CUDA tensors), keeping the ``v_seq`` memory they fill.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        step = _legacy_step_forward(type(module))
+        name = type(module).__name__
+        if step is _NO_STEP:
+            raise UnsupportedModelError(
+                f"{name} overrides the forward of a legacy SpikingJelly multi-step neuron with another "
+                "forward(x_seq); snn-localrules steps such a neuron through its single-step parent and would skip "
+                "that code. Move the extra code into a separate module around the neuron, or use "
+                "spikingjelly.activation_based neurons (step_mode='m')."
+            )
+        if step is None and "v_seq" in module._memories:
+            raise UnsupportedModelError(
+                f"{name} keeps a legacy multi-step memory v_seq but its forward does not take x_seq [T, ...], so "
+                "snn-localrules cannot tell whether one call is one time step or a sequence. Name the input of "
+                "a sequence forward x_seq (as SpikingJelly's MultiStep* neurons do), or register no v_seq."
+            )
+        self._step = step
+
+    @property
+    def supports_multi_step(self) -> bool:
+        return self._step is not None
+
+    @property
+    def multi_step(self) -> bool:
+        return self._step is not None
+
+    def single_step(self, x: torch.Tensor, *args, **kwargs) -> Any:
+        if self._step is not None:
+            return self._step(self.module, x, *args, **kwargs)
+        return type(self.module).forward(self.module, x, *args, **kwargs)
+
+    def run_steps(self, x_seq: torch.Tensor, before_step) -> torch.Tensor:
+        # MultiStep* neurons always leave the post-reset membrane of every step in v_seq [T, N, *]
+        keep_v = "v_seq" in self.module._memories
+        outputs, voltages = [], []
+        for x in x_seq:
+            before_step()
+            outputs.append(self.single_step(x))
+            if keep_v:
+                voltages.append(self.module.v)
+        if keep_v:
+            self.module.v_seq = stack_steps(voltages)
+        return stack_steps(outputs)
+
+    def fused_sltt_multi_step(self, x_seq: torch.Tensor) -> Optional[torch.Tensor]:
+        return None  # no fused form is proven equal to a legacy neuron's forward: stepped
+
+    def describe(self) -> str:
+        return f"{self.framework}.clock_driven.{type(self.module).__name__}"
+
+
+class LegacySpikingJellyRecurrentContainer(LegacySpikingJellyNeuron):
+    """A legacy ``clock_driven`` recurrent container (fed-back output ``y``; single-step)."""
+
+    is_layer = False
+
+
 @hookimpl
 def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
     base = _base_module()
-    if base is None:
-        return None
-    if _is_neuron(module, base):
-        return SpikingJellyNeuron(module)
-    if _is_recurrent_container(module, base):
-        return SpikingJellyRecurrentContainer(module)
+    if base is not None:
+        if _is_neuron(module, base):
+            return SpikingJellyNeuron(module)
+        if _is_recurrent_container(module, base):
+            return SpikingJellyRecurrentContainer(module)
+    legacy = _legacy_base_module()
+    if legacy is not None:
+        if _is_neuron(module, legacy):
+            return LegacySpikingJellyNeuron(module)
+        if _is_recurrent_container(module, legacy):
+            return LegacySpikingJellyRecurrentContainer(module)
     return None
 
 
 @hookimpl
 def slr_reset_model(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
-    base = _base_module()
-    if base is None:
+    bases = tuple(b.MemoryModule for b in (_base_module(), _legacy_base_module()) if b is not None)
+    if not bases:
         return
     done = {id(n.module) for n in neurons}
     for module in model.modules():
-        if isinstance(module, base.MemoryModule) and id(module) not in done:
+        if isinstance(module, bases) and id(module) not in done:
             module.reset()  # e.g. layer.Dropout's mask, recurrent containers' last output
 
 
@@ -278,7 +448,7 @@ def slr_neuron_types() -> List[NeuronInfo]:
     try:
         from spikingjelly.activation_based import base, neuron
     except ImportError:
-        return []
+        return _legacy_neuron_types()
     found = []
     for name in dir(neuron):
         cls = getattr(neuron, name)
@@ -290,4 +460,26 @@ def slr_neuron_types() -> List[NeuronInfo]:
             continue
         if _is_neuron(probe, base):
             found.append(NeuronInfo("spikingjelly", name, "single- and multi-step"))
+    return found + _legacy_neuron_types()
+
+
+def _legacy_neuron_types() -> List[NeuronInfo]:
+    """The legacy ``clock_driven`` neuron classes, listed only if the program imported that package."""
+    legacy, neuron = _legacy_base_module(), sys.modules.get(_LEGACY_NEURON_PACKAGE)
+    if legacy is None or neuron is None:
+        return []
+    found = []
+    for name in dir(neuron):
+        cls = getattr(neuron, name)
+        if not (isinstance(cls, type) and issubclass(cls, legacy.MemoryModule)) or "Base" in name:
+            continue
+        try:
+            probe = cls()
+        except Exception:  # needs constructor arguments: wrapped if its instances keep 'v', not listed
+            continue
+        if _is_neuron(probe, legacy):
+            step = _legacy_step_forward(cls)
+            notes = ("clock_driven, multi-step [T, B, ...], any backend (stepped in torch)" if step
+                     else "clock_driven, single-step")
+            found.append(NeuronInfo("spikingjelly", f"clock_driven.{name}", notes))
     return found

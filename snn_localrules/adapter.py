@@ -104,6 +104,17 @@ class NeuronAdapter:
         bypassing any per-instance override, and update the carried state."""
         return type(self.module).forward(self.module, x, *args, **kwargs)
 
+    def own_forward(self, x: torch.Tensor, *args, **kwargs) -> Any:
+        """One call of the module as its class defines it, bypassing any per-instance override: what a
+        rule runs where it leaves a call unchanged (inference under ``no_grad``).
+
+        An adapter overrides it where the class's forward cannot run here but an equal torch computation
+        can (a SpikingJelly neuron with ``backend='cupy'`` on a machine or tensor without CuPy).
+
+        :param x: the call's input (``[B, ...]``, or ``[T, B, ...]`` in multi-step mode)
+        """
+        return type(self.module).forward(self.module, x, *args, **kwargs)
+
     def run_steps(self, x_seq: torch.Tensor, before_step: Callable[[], None]) -> torch.Tensor:
         """Run a multi-step call one step at a time, calling ``before_step()`` before each step.
 

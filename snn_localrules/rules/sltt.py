@@ -85,9 +85,6 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False) -> Callable:
     elementwise backward when ``fused`` and the adapter has that form for the neuron as configured
     (``NeuronAdapter.fused_sltt_multi_step``), else one step at a time. Otherwise (single-step, or
     no_grad) call the neuron's own forward unchanged, so inference keeps its fast path."""
-    own_forward = type(neuron.module).forward
-    module = neuron.module
-
     def forward(x, *args, **kwargs):
         if neuron.multi_step and torch.is_grad_enabled():
             if args or kwargs:
@@ -101,7 +98,7 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False) -> Callable:
                 if out is not None:
                     return out
             return neuron.run_steps(x, neuron.detach_state)
-        return own_forward(module, x, *args, **kwargs)
+        return neuron.own_forward(x, *args, **kwargs)
 
     return forward
 
