@@ -231,6 +231,28 @@ def test_tp_on_snntorch_spike_output_model():
     learner.unwrap()
 
 
+def test_tp_on_spikingjelly_spike_output_model():
+    # a SpikingJelly neuron holds its surrogate as a child module: the model still ends with the neuron
+    torch.manual_seed(0)
+    model = nn.Sequential(layer.Linear(12, 32), neuron.LIFNode(tau=2.0), layer.Linear(32, 4),
+                          neuron.LIFNode(tau=2.0, v_threshold=0.5))
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), num_classes=4)
+    assert learner.neuron_output
+    x = torch.rand(5, 8, 12) * 3
+    y = torch.randint(0, 4, (8,))
+    readout_before = model[2].weight.detach().clone()
+    stats = learner.step(x, y)
+    assert len(stats.layer_losses) == 1 and stats.readout_loss > 0
+    assert not torch.equal(model[2].weight, readout_before)  # the spiking readout is trained by its CE
+    spikes = []
+    handle = model[3].register_forward_hook(lambda m, i, o: spikes.append(o))
+    prediction = learner.predict(x)
+    handle.remove()
+    assert len(spikes) == 5
+    assert torch.equal(prediction, torch.stack(spikes).sum(0).argmax(-1))  # argmax of the spike counts
+    learner.unwrap()
+
+
 def test_freeze_trains_only_chosen_layers():
     x = torch.rand(3, 8, 12) * 3
     y = torch.randint(0, 4, (8,))

@@ -69,6 +69,18 @@ class TPStats:
         return int((self.prediction == y.to(self.prediction.device)).sum())
 
 
+def _last_leaf(module: nn.Module, stop_at: set) -> Optional[nn.Module]:
+    """The last module in registration order with no children, a neuron layer counting as one piece (a
+    SpikingJelly neuron holds its surrogate function as a child module)."""
+    if id(module) in stop_at or not list(module.children()):
+        return module
+    for child in reversed(list(module.children())):
+        last = _last_leaf(child, stop_at)
+        if last is not None:
+            return last
+    return None
+
+
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
@@ -189,8 +201,9 @@ class TP(Rule):
         self.scaler = scaler
         self.global_contrast = global_contrast
         self.projection: Optional[torch.Tensor] = None  # S, [O, *input_shape], made at the first batch
-        leaves = [m for m in model.modules() if not list(m.children())]
-        self.neuron_output = bool(leaves) and any(leaves[-1] is n.module for n in self.neurons if n.is_layer)
+        layers = {id(n.module) for n in self.neurons if n.is_layer}
+        last = _last_leaf(model, stop_at=layers)
+        self.neuron_output = last is not None and id(last) in layers
         self._order: Optional[List[int]] = None  # neurons in forward order, learned at the first call
         self._seen: List[int] = []
         self._traces: Dict[int, torch.Tensor] = {}
