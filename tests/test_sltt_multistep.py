@@ -426,3 +426,39 @@ def test_neurons_not_proven_equal_are_stepped():
 def test_fused_option_is_validated():
     with pytest.raises(ValueError, match="fused must be True or False"):
         slr.wrap(conv_model(), rule="sltt", fused="yes")
+
+
+# ------------------------------------------------------------------------------------------------------
+# CUDA: the same checks on the GPU (skipped without one; CI has none)
+# ------------------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
+def test_cuda_forward_equals_spikingjelly_and_backward_equals_reference(cfg, dtype):
+    kind, v_reset, decay, detach = cfg
+    sg = SURROGATES["Sigmoid"]()
+    x = make_input(torch.float32).to("cuda", dtype)
+    v0 = (make_input(torch.float32, seed=1)[0] * 0.5).to("cuda", dtype)
+    w = plif_w(torch.float32).cuda() if kind == "plif" else None
+    # forward: the fused function against SpikingJelly's own multi-step neuron on the same device
+    node = sj_node(kind, v_reset, decay, detach, sg, store_v_seq=True).to("cuda")
+    node.v = v0.clone()
+    with torch.no_grad():
+        expected = node(x)
+        spikes, v, v_seq = fused(kind, x, v0, decay, v_reset, detach, sg, w=w, store_v_seq=True)
+    assert torch.equal(spikes, expected)
+    torch.testing.assert_close(v_seq, node.v_seq, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-3)
+    # backward: against the per-step detached reference, on the GPU (fp32 only: fp16's reference itself
+    # rounds differently step by step)
+    if dtype == torch.float32:
+        ref_spikes, ref_gx, ref_gw = _grads(
+            kind, x, w, lambda x, w: reference_sltt(kind, x, v0, decay, v_reset, detach, sg, w=w), True)
+        got_spikes, gx, gw = _grads(
+            kind, x, w, lambda x, w: fused(kind, x, v0, decay, v_reset, detach, sg, w=w, store_v_seq=True), True)
+        assert torch.equal(got_spikes, ref_spikes)
+        _assert_rel_close(gx, ref_gx, "input gradient (cuda)")
+        if kind == "plif":
+            _assert_rel_close(gw.reshape(1), ref_gw.reshape(1), "w gradient (cuda)")
