@@ -10,6 +10,8 @@ Five ways of training the same VGG-like convolutional SNN (SpikingJelly LIF neur
   level 1, conv and neuron layers as targets, applied to the ``bptt`` model.
 * ``sltt``      -- this package: ``slr.wrap(model, rule="sltt", optimizer=opt)`` on the ``bptt`` model.
 * ``sltt_k2``   -- the same with ``K=2`` (SLTT-K).
+* ``sltt_c2``, ``sltt_c4`` -- online SLTT with ``chunk=2`` / ``chunk=4`` (steps per forward and backward);
+  not in the default set, ask for them with ``--methods``.
 
 Every (method, T) runs in a fresh process (``--worker``), so peak memory is not polluted by earlier runs.
 A worker builds the model, the optimizer and the data, reads its current RSS (the baseline) *before*
@@ -40,7 +42,9 @@ from typing import Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plotting  # noqa: E402  (benchmarks/ is a folder of scripts; this sits beside them)
 
-METHODS = ("bptt", "sj_online", "memopt", "sltt", "sltt_k2")
+METHODS = ("bptt", "sj_online", "memopt", "sltt", "sltt_k2")  # the default set
+CHUNK_METHODS = {"sltt_c2": 2, "sltt_c4": 4}
+ALL_METHODS = METHODS + tuple(CHUNK_METHODS)
 FULL_TS = (2, 4, 8, 16, 32)
 QUICK_TS = (2, 8)
 MMAP_THRESHOLD = 128 * 1024  # bytes; with --malloc mmap every larger block is mmap'ed and unmapped on free
@@ -200,7 +204,7 @@ def run_worker(args) -> Dict:
     elif method == "sj_online":
         online_learning, driver_note = import_sj_online_learning()
         notes.append(driver_note)
-    elif method in ("sltt", "sltt_k2"):
+    elif method in ("sltt", "sltt_k2", *CHUNK_METHODS):
         import snn_localrules as slr
 
         slr.plugin_manager()  # loads the adapter plugins (entry points); touches no model
@@ -257,9 +261,10 @@ def run_worker(args) -> Dict:
             functional.reset_net(model)
             return float(loss.detach())
 
-    elif method in ("sltt", "sltt_k2"):
+    elif method in ("sltt", "sltt_k2", *CHUNK_METHODS):
         learner = slr.wrap(model, rule="sltt", optimizer=optimizer, loss="ce",
                            K=2 if method == "sltt_k2" else None, seed=args.seed,
+                           chunk=CHUNK_METHODS.get(method, 1),
                            **({} if args.nograd_chunk is None else {"nograd_chunk": args.nograd_chunk}))
 
         def train_batch():
@@ -484,6 +489,8 @@ METHOD_LABELS = {
     "memopt": "SpikingJelly memopt (checkpointing)",
     "sltt": "SLTT (ours, online)",
     "sltt_k2": "SLTT-2 (ours, online)",
+    "sltt_c2": "SLTT chunk 2 (ours, online)",
+    "sltt_c4": "SLTT chunk 4 (ours, online)",
 }
 # the baselines dashed and drawn on top (SpikingJelly's online SLTT lies on ours in the memory panel),
 # this plugin's rules solid and thicker underneath
@@ -493,6 +500,8 @@ METHOD_STYLES = {
     "memopt": dict(color="tab:purple", linestyle="--", marker="v", zorder=3),
     "sltt": dict(color="tab:blue", linestyle="-", marker="o", linewidth=2.2),
     "sltt_k2": dict(color="tab:green", linestyle="-", marker="o", linewidth=2.2),
+    "sltt_c2": dict(color="tab:cyan", linestyle="-", marker="d", linewidth=1.6),
+    "sltt_c4": dict(color="tab:olive", linestyle="-", marker="d", linewidth=1.6),
 }
 
 
@@ -643,7 +652,8 @@ def parse_args(argv=None):
     p.add_argument("--plot-only", action="store_true",
                    help="redraw the PNG from the existing JSON at --out; runs nothing")
     p.add_argument("--Ts", default=None, help="comma-separated T values (overrides the default set)")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(ALL_METHODS)} "
+                                                   f"(default {','.join(METHODS)})")
     p.add_argument("--malloc", choices=("both", "mmap", "glibc"), default="both",
                    help="mmap: workers run with MALLOC_MMAP_THRESHOLD_=131072, so every tensor block over "
                         "128 KiB is returned to the OS when freed and ru_maxrss follows the live memory (but "
@@ -659,7 +669,7 @@ def parse_args(argv=None):
                    help="exit 0 even if a configuration failed (its error is in the table)")
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=ALL_METHODS, help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.out is None:
@@ -669,7 +679,7 @@ def parse_args(argv=None):
     if args.batches < 1:
         p.error("--batches must be >= 1")
     if args.methods:
-        unknown = set(args.methods.split(",")) - set(METHODS)
+        unknown = set(args.methods.split(",")) - set(ALL_METHODS)
         if unknown:
             p.error(f"unknown method(s): {', '.join(sorted(unknown))}")
     return args
