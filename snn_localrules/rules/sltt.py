@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..adapter import NeuronAdapter
 from ..errors import LossError, NonFiniteLossError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss
+from ..functional.spike_pack import SpikePacker
 from ..memory import SavedBytes, memory_budget, storage_keys
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks
@@ -79,7 +80,7 @@ def _cut_state_pre_hook(neuron: NeuronAdapter) -> Callable:
     return hook
 
 
-def _per_step_forward(neuron: NeuronAdapter, fused: bool = False) -> Callable:
+def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Optional[SpikePacker] = None) -> Callable:
     """A per-instance forward for multi-step-capable neurons: with autograd on and the module in
     multi-step mode, run the sequence with the state cut before each step: in one fused call with SLTT's
     elementwise backward when ``fused`` and the adapter has that form for the neuron as configured
@@ -96,6 +97,8 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False) -> Callable:
             if fused:
                 out = neuron.fused_sltt_multi_step(x)
                 if out is not None:
+                    if packer is not None:
+                        packer.register(out)  # a Heaviside's output: exactly 0/1, stored as bool when saved
                     return out
             return neuron.run_steps(x, neuron.detach_state)
         return neuron.own_forward(x, *args, **kwargs)
@@ -103,13 +106,35 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False) -> Callable:
     return forward
 
 
-def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], fused: bool = False) -> None:
+def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], fused: bool = False,
+                         packer: Optional[SpikePacker] = None) -> None:
     """Cut every neuron's carried state from the graph at every step (both step modes). ``fused``: run
-    multi-step calls of neurons that have a fused SLTT form in one call (same gradients, less time)."""
+    multi-step calls of neurons that have a fused SLTT form in one call (same gradients, less time), and
+    register their spikes with ``packer`` (which the caller activates around the model's forward)."""
     for neuron in neurons:
         hooks.pre_hook(neuron.module, _cut_state_pre_hook(neuron), with_kwargs=True)
         if neuron.supports_multi_step:
-            hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused))
+            hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer))
+
+
+def install_spike_packing(hooks: ModuleHooks, model: nn.Module, packer: SpikePacker) -> bool:
+    """Pack registered spikes while ``model``'s forward runs: a per-instance ``forward`` around the class's
+    own, whose ``finally`` leaves the packer whatever ends the call (an exception, a KeyboardInterrupt),
+    which forward hooks cannot promise. Returns False (nothing installed) when the model already has a
+    per-instance forward (e.g. the model is a single multi-step neuron: nothing downstream saves spikes)."""
+    if "forward" in vars(model):
+        return False
+    own = type(model).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        packer.enter()
+        try:
+            return own(model, *args, **kwargs)
+        finally:
+            packer.exit()
+
+    hooks.replace_forward(model, forward)
+    return True
 
 
 class SLTT(Rule):
@@ -145,6 +170,11 @@ class SLTT(Rule):
         ``LIFNode``, ``ParametricLIFNode``) as one call with an elementwise backward over all its steps
         (:mod:`snn_localrules.functional.sltt_multistep`) instead of step by step: the same gradients,
         fewer autograd nodes. Neurons without a proven-equal fused form are always stepped.
+    :param pack_spikes: with ``fused``, the spikes of fused neurons are kept for backward as ``bool``
+        (1 byte a value instead of 4 in fp32) by the layers that save them (the conv or linear after a
+        neuron): exactly the same values, so the same gradients, and less memory
+        (:mod:`snn_localrules.functional.spike_pack`). It stands aside while other saved-tensor hooks are
+        active (``torch.utils.checkpoint``, ``save_on_cpu``) and under ``torch.compile``.
     :param autocast: mixed precision for online mode: ``None``/``False`` (off), ``True`` (the device's
         default autocast dtype: bfloat16 on CPU, float16 on CUDA) or a dtype. Each step's forward and loss
         run under ``torch.autocast``; backward runs outside it. Running :meth:`step` inside your own
@@ -189,6 +219,7 @@ class SLTT(Rule):
         scaler: Optional[Any] = None,
         chunk: Union[int, str] = 1,
         max_memory: Union[None, int, float] = None,
+        pack_spikes: bool = True,
     ):
         super().__init__(model, neurons)
         self.optimizer = optimizer
@@ -218,7 +249,11 @@ class SLTT(Rule):
             raise WrapError(f"T must be a positive int or None, got {T!r}.")
         if not isinstance(fused, bool):
             raise WrapError(f"fused must be True or False, got {fused!r}.")
+        if not isinstance(pack_spikes, bool):
+            raise WrapError(f"pack_spikes must be True or False, got {pack_spikes!r}.")
         self.fused = fused
+        self.pack_spikes = pack_spikes
+        self.packer: Optional[SpikePacker] = None
         check_precision(autocast, scaler, self.online)
         check_chunk(chunk, max_memory, self.online)
         self.chunk = chunk
@@ -239,7 +274,13 @@ class SLTT(Rule):
             self.generator.manual_seed(seed)
 
     def install(self, hooks: ModuleHooks) -> None:
-        install_temporal_cut(hooks, self.neurons, fused=self.fused)
+        # a model that is itself one neuron has nothing downstream that saves its spikes
+        alone = any(n.module is self.model for n in self.neurons)
+        packer = SpikePacker() if self.pack_spikes and self.fused and not alone else None
+        if packer is not None and not install_spike_packing(hooks, self.model, packer):
+            packer = None
+        install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer)
+        self.packer = packer
 
     # -- online driver ---------------------------------------------------------------------------
     def _sequence_model(self) -> bool:

@@ -1,0 +1,155 @@
+"""Spikes saved for backward as bool (pack_spikes): the same gradients bit for bit, a quarter of the bytes,
+and never a tensor that is not known to be spikes."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import snn_localrules as slr
+from snn_localrules.functional.spike_pack import SpikePacker
+
+pytest.importorskip("spikingjelly")
+from spikingjelly.activation_based import functional, layer, neuron, surrogate  # noqa: E402
+
+from tests.conftest import assert_same_snapshot, snapshot  # noqa: E402
+
+T, B = 6, 4
+
+
+def _lif():
+    return neuron.LIFNode(tau=2.0, v_reset=None, detach_reset=True, surrogate_function=surrogate.Sigmoid())
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        layer.Conv2d(2, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), _lif(),
+        layer.Conv2d(8, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), _lif(),
+        layer.MaxPool2d(2), layer.Flatten(), layer.Linear(8 * 4 * 4, 5),
+    )
+    functional.set_step_mode(model, "m")
+    return model
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(T, B, 2, 8, 8, generator=g) < 0.3).float(), torch.randint(0, 5, (B,), generator=g)
+
+
+def _zero_change_grads(model, x, y):
+    out = model(x)
+    loss = sum(F.cross_entropy(o, y) for o in out) / T
+    loss.backward()
+    functional.reset_net(model)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_zero_change_gradients_are_bit_identical_with_packing():
+    x, y = _data()
+    results = {}
+    for pack in (False, True):
+        model = _conv_model()
+        learner = slr.wrap(model, rule="sltt", pack_spikes=pack)
+        results[pack] = _zero_change_grads(model, x, y), learner.packer
+        learner.unwrap()
+    for a, b in zip(results[False][0], results[True][0]):
+        assert torch.equal(a, b)
+    assert results[False][1] is None
+    packer = results[True][1]
+    # both neuron layers' spikes were saved by the next layer (conv, max-pool) and packed 4:1
+    assert packer.packed_bytes > 0 and packer.saved_bytes == 4 * packer.packed_bytes
+    spikes_per_layer = T * B * 8 * 8 * 8
+    assert packer.packed_bytes == 2 * spikes_per_layer
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_online_training_is_bit_identical_with_packing(chunk):
+    x, y = _data()
+    params = {}
+    for pack in (False, True):
+        model = _conv_model()
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                           pack_spikes=pack, chunk=chunk)
+        for seed in range(2):
+            learner.step(*_data(seed))
+        params[pack] = [p.detach().clone() for p in model.parameters()]
+        if pack:
+            assert learner.packer.packed_bytes > 0
+    for a, b in zip(params[False], params[True]):
+        assert torch.equal(a, b)
+
+
+def test_a_freed_spike_tensor_is_forgotten():
+    packer = SpikePacker()
+    with packer.activate():
+        spikes = (torch.rand(1000) < 0.5).float()
+        packer.register(spikes)
+        assert packer._is_spikes(spikes) and packer._is_spikes(spikes.view(10, 100))
+        address = spikes.untyped_storage().data_ptr()
+        del spikes
+        # whatever the allocator hands out next (often the same address), it is not taken for spikes
+        other = torch.randn(1000)
+        assert not packer._is_spikes(other), f"reused address {other.untyped_storage().data_ptr() == address}"
+        assert not packer._is_spikes(torch.randn(1000))
+
+
+def test_spikes_modified_in_place_are_not_packed():
+    packer = SpikePacker()
+    with packer.activate():
+        spikes = (torch.rand(100) < 0.5).float()
+        packer.register(spikes)
+        spikes.mul_(0.5)  # no longer binary
+        assert packer._pack(spikes) is spikes
+        assert packer.packed_bytes == 0
+
+
+def test_registration_outside_activation_and_other_dtypes_are_ignored():
+    packer = SpikePacker()
+    spikes = (torch.rand(10) < 0.5).float()
+    packer.register(spikes)  # not active: nothing to pack into
+    assert not packer._spikes
+    with packer.activate():
+        packer.register(torch.ones(3, dtype=torch.int64))
+        assert not packer._spikes
+
+
+def test_other_saved_tensor_hooks_take_precedence():
+    x, y = _data()
+    model = _conv_model()
+    learner = slr.wrap(model, rule="sltt")
+    seen = []
+
+    def pack(tensor):
+        seen.append(tensor.dtype)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    loss = sum(F.cross_entropy(o, y) for o in out) / T
+    loss.backward()
+    assert learner.packer.packed_bytes == 0  # stood aside: the user's hooks saw every tensor
+    assert torch.bool not in seen and seen
+    learner.unwrap()
+
+
+def test_hooks_are_popped_when_the_forward_raises():
+    model = _conv_model()
+    learner = slr.wrap(model, rule="sltt")
+    bad = torch.rand(T, B, 3, 8, 8)  # 3 channels into a 2-channel conv
+    with pytest.raises(RuntimeError):
+        model(bad)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert learner.packer._depth == 0
+    functional.reset_net(model)
+    learner.unwrap()
+
+
+def test_unwrap_removes_the_packing_hooks_and_bad_option_is_refused():
+    model = _conv_model()
+    before = snapshot(model)
+    learner = slr.wrap(model, rule="sltt")
+    learner.unwrap()
+    assert_same_snapshot(before, snapshot(model))
+    with pytest.raises(slr.WrapError, match="pack_spikes"):
+        slr.wrap(model, rule="sltt", pack_spikes="yes")
+    assert_same_snapshot(before, snapshot(model))
