@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -271,14 +272,16 @@ def _fusable_kind(module: nn.Module, x_seq: torch.Tensor) -> Optional[str]:
 
     Checked at every call (cheap attribute tests): the user may change a neuron's settings between calls.
     Fused only on CPU: on CUDA SpikingJelly runs its own kernels, which the torch formulas are not proven
-    to match bit for bit.
+    to match bit for bit. ``SLR_FUSED_CUDA=1`` in the environment fuses CUDA tensors too, for checking
+    that (``tests/test_sltt_multistep.py -k cuda``) and timing it on a GPU; it is off until checked there.
     """
     kind = _fusable_class(type(module))
     if kind is None:
         return None
     if tuple(module._memories) != ("v",) or getattr(module, "_neuron_precision", None) is not None:
         return None
-    if not isinstance(x_seq, torch.Tensor) or x_seq.device.type != "cpu" or x_seq.ndim < 1 or x_seq.shape[0] < 1:
+    devices = ("cpu", "cuda") if os.environ.get("SLR_FUSED_CUDA") == "1" else ("cpu",)
+    if not isinstance(x_seq, torch.Tensor) or x_seq.device.type not in devices or x_seq.ndim < 1 or x_seq.shape[0] < 1:
         return None
     if x_seq.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return None
