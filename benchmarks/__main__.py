@@ -1,6 +1,6 @@
 """One command for the benchmarks, each writing JSON and a PNG plot into ``benchmarks/results/``.
 
-    python -m benchmarks [memory|accuracy|tp-memory|all] [--quick] [--plot-only] [--results-dir DIR] [options]
+    python -m benchmarks [memory|accuracy|tp-memory|gpu|all] [--quick] [--plot-only] [--results-dir DIR] [options]
     snn-localrules bench  ...the same...
 
 * ``memory`` (default): peak memory and time per batch against T; BPTT, SpikingJelly's online SLTT,
@@ -8,7 +8,9 @@
 * ``accuracy``: held-out accuracy, peak memory and time of BPTT, SLTT, SLTT-K and TP per model
   (``accuracy.py``, 10-20 min).
 * ``tp-memory``: TP's peak memory against T and the number of classes, BPTT beside it (``tp_memory.py``).
-* ``all``: the three, one after the other.
+* ``gpu``: peak GPU memory and time per batch of SpikingJelly's BPTT, memopt and online SLTT against this
+  plugin's online SLTT (chunks 1, 2, 5, auto), SLTT-2 and zero-change mode (``gpu.py``; for a GPU).
+* ``all``: memory, accuracy and tp-memory, one after the other (not gpu).
 
 ``--quick`` runs smoke-sized versions that write to ``benchmarks/results/quick/`` (the full results stay
 as they are); ``--plot-only`` redraws the PNGs from the existing JSON without running anything. Options
@@ -30,8 +32,11 @@ BENCHMARKS: Dict[str, Tuple[str, str, str]] = {
                "peak memory and time vs T: BPTT, SpikingJelly online SLTT, memopt, SLTT, SLTT-2"),
     "accuracy": ("accuracy.py", "accuracy", "accuracy, peak memory and time per rule per model"),
     "tp-memory": ("tp_memory.py", "tp_memory", "TP peak memory vs T and vs classes, BPTT beside it"),
+    "gpu": ("gpu.py", "gpu", "GPU memory and time: SpikingJelly BPTT/memopt/online SLTT vs SLTT chunks, SLTT-2, "
+                             "zero-change (not in 'all')"),
 }
 DEFAULT = "memory"
+ALL = ("memory", "accuracy", "tp-memory")  # gpu.py is sized for a GPU: run it by name
 
 
 def load_script(name: str):
@@ -84,7 +89,7 @@ def plan(argv: List[str]) -> Tuple[List[Tuple[str, List[str]]], Optional[str]]:
         if named and selection != "all":
             return [(selection, ["--help"])], None
         return [], "help"
-    names = list(BENCHMARKS) if selection == "all" else [selection]
+    names = list(ALL) if selection == "all" else [selection]
     if rest and selection == "all":
         return [], (f"options {' '.join(rest)} would go to every benchmark; with 'all' only --quick, "
                     "--plot-only and --results-dir are accepted (name one benchmark to pass its options)")
