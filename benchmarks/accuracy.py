@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -39,7 +38,9 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from memory_vs_T import peak_rss_bytes as vm_hwm  # VmHWM: not polluted by a large parent's peak
+
+    return vm_hwm()
 
 
 #: VGG-9 neurons: threshold 0.5 as in the TP authors' DVS-CIFAR10 runs. With the preset's scaled weight

@@ -161,7 +161,6 @@ def run_single(args, rule: str) -> Dict:
 # -- mixed precision (fresh process per configuration) ------------------------------------------------
 def amp_worker(args) -> Dict:
     import gc
-    import resource
 
     import torch
     from spikingjelly.activation_based import functional
@@ -186,7 +185,9 @@ def amp_worker(args) -> Dict:
         losses.append(learner.step(x, y).loss)
         if index:
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from memory_vs_T import peak_rss_bytes  # VmHWM: not polluted by a large parent's peak
+
+    peak = peak_rss_bytes()
     return {"precision": args.precision, "s_per_batch": statistics.median(times),
             "peak_growth_mb": (peak - baseline) / 2 ** 20, "losses": losses}
 

@@ -16,7 +16,7 @@ Five ways of training the same VGG-like convolutional SNN (SpikingJelly LIF neur
 Every (method, T) runs in a fresh process (``--worker``), so peak memory is not polluted by earlier runs.
 A worker builds the model, the optimizer and the data, reads its current RSS (the baseline) *before*
 any wrapping or set-up forward, then runs one warm-up batch and N timed batches. Peak memory growth is
-``ru_maxrss`` at the end minus that baseline; the time is the median over the timed batches.
+the peak RSS (VmHWM) at the end minus that baseline; the time is the median over the timed batches.
 
 Usage::
 
@@ -49,7 +49,7 @@ FULL_TS = (2, 4, 8, 16, 32)
 QUICK_TS = (2, 8)
 MMAP_THRESHOLD = 128 * 1024  # bytes; with --malloc mmap every larger block is mmap'ed and unmapped on free
 MALLOC_NOTE = {
-    "both": "MB: ru_maxrss growth in a worker with MALLOC_MMAP_THRESHOLD_=131072 (tracks live memory); "
+    "both": "MB: peak RSS (VmHWM) growth in a worker with MALLOC_MMAP_THRESHOLD_=131072 (tracks live memory); "
             "s/batch: a separate worker with glibc's default malloc (fast path).",
     "mmap": "MB and s/batch from workers with MALLOC_MMAP_THRESHOLD_=131072 (times include page faults).",
     "glibc": "MB and s/batch from workers with glibc's default malloc (MB includes allocator retention).",
@@ -77,7 +77,16 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    """Peak resident set size of this process so far: VmHWM, the high-water mark of this process's own
+    memory map. Not ``ru_maxrss``: Linux keeps that across ``exec``, so a worker started by a parent that
+    was itself large would report the parent's peak (this hit the AMP worker of distributed_amp.py)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -373,7 +382,7 @@ def launch_worker(command: List[str], method: str, T: int, mmap: bool, idle_wait
 
 def run_config(method: str, T: int, args) -> Dict:
     """One table cell. With ``--malloc both`` (default) two fresh workers: one under glibc's default
-    malloc gives the time per batch (and a glibc ru_maxrss, kept as ``peak_growth_mb_glibc``), one under
+    malloc gives the time per batch (and a glibc peak RSS, kept as ``peak_growth_mb_glibc``), one under
     the fixed mmap threshold gives the peak memory (warm-up + 1 batch is enough there: the peak is
     reached in the first batches)."""
     if args.malloc != "both":
@@ -656,9 +665,9 @@ def parse_args(argv=None):
                                                    f"(default {','.join(METHODS)})")
     p.add_argument("--malloc", choices=("both", "mmap", "glibc"), default="both",
                    help="mmap: workers run with MALLOC_MMAP_THRESHOLD_=131072, so every tensor block over "
-                        "128 KiB is returned to the OS when freed and ru_maxrss follows the live memory (but "
+                        "128 KiB is returned to the OS when freed and the peak RSS follows the live memory (but "
                         "the page faults slow every method 2-3x); glibc: glibc's adaptive default, fast, "
-                        "but freed blocks stay in the heap so ru_maxrss also counts allocator "
+                        "but freed blocks stay in the heap so the peak RSS also counts allocator "
                         "retention/fragmentation; both (default): memory from an mmap worker, time from a "
                         "glibc worker")
     p.add_argument("--idle-wait", type=float, default=30.0,

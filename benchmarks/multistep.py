@@ -14,7 +14,7 @@ Zero-change modes change only the neurons' backward: the convolutions and batch 
 steps of activations, so their memory follows BPTT's; the online driver holds one step.
 
 Every (method, T) runs in fresh processes, measured as in ``memory_vs_T.py``: the baseline RSS is read
-before wrapping and before any forward; peak growth is ``ru_maxrss`` minus it, from a worker whose malloc
+before wrapping and before any forward; peak growth is the peak RSS (VmHWM) minus it, from a worker whose malloc
 returns large blocks to the OS (``MALLOC_MMAP_THRESHOLD_``), and the time per batch (median) from a worker
 with glibc's default malloc. On a shared CPU, times are indicative only.
 

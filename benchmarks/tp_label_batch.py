@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,7 +79,9 @@ def memory_worker(args) -> dict:
     learner = slr.wrap(model, rule="tp", optimizer=opt, num_classes=10, label_batch=args.mode)
     for batch in data:
         learner.step(*batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from memory_vs_T import peak_rss_bytes  # VmHWM: not polluted by a large parent's peak
+
+    peak = peak_rss_bytes()
     return {"model": args.model, "mode": args.mode, "peak_growth_mb": (peak - baseline) / MB}
 
 
