@@ -22,7 +22,10 @@ from typing import Callable, Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 DEFAULT_OUT = os.path.join(HERE, "results", "time_interleaved.json")
-METHODS = ("bptt", "sj_online", "sltt", "sltt_k2")
+METHODS = ("bptt", "sj_online", "sltt", "sltt_k2")  # the default set
+#: on request (--methods): online SLTT with chunk=c, and zero-change SLTT (the user's BPTT loop on the
+#: wrapped multi-step model) with and without spike packing
+EXTRA_METHODS = ("sltt_c2", "sltt_c4", "zc_fused", "zc_fused_nopack")
 
 
 def build_methods(T: int, args) -> Dict[str, Callable[[], None]]:
@@ -67,11 +70,24 @@ def build_methods(T: int, args) -> Dict[str, Callable[[], None]]:
             functional.reset_net(net_s)
 
         methods["sj_online"] = sj_online
-    for name, K in (("sltt", None), ("sltt_k2", 2)):
+    for name, K, chunk in (("sltt", None, 1), ("sltt_k2", 2, 1), ("sltt_c2", None, 2), ("sltt_c4", None, 4)):
         if name in args.methods:
             net, opt = model(False)
-            learner = slr.wrap(net, rule="sltt", optimizer=opt, K=K, seed=args.seed)
+            learner = slr.wrap(net, rule="sltt", optimizer=opt, K=K, seed=args.seed, chunk=chunk)
             methods[name] = (lambda learner=learner: learner.step(x_seq, y))
+    for name, pack in (("zc_fused", True), ("zc_fused_nopack", False)):
+        if name in args.methods:
+            net, opt = model(False)
+            slr.wrap(net, rule="sltt", pack_spikes=pack)
+
+            def zero_change(net=net, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                out = net(x_seq)
+                (sum(F.cross_entropy(out[t], y) for t in range(T)) / T).backward()
+                opt.step()
+                functional.reset_net(net)
+
+            methods[name] = zero_change
     return methods
 
 
@@ -105,9 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")
-    unknown = set(args.methods) - set(METHODS)
+    unknown = set(args.methods) - set(METHODS + EXTRA_METHODS)
     if unknown:
-        p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        p.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     Ts = [2, 4] if args.quick else [int(t) for t in args.Ts.split(",")]
     rounds = 2 if args.quick else args.rounds
     args.rounds = rounds
