@@ -56,10 +56,10 @@ def test_zero_change_gradients_are_bit_identical_with_packing():
         assert torch.equal(a, b)
     assert results[False][1] is None
     packer = results[True][1]
-    # both neuron layers' spikes were saved by the next layer (conv, max-pool) and packed 4:1
+    # both neuron layers' spikes were saved by the next layer (conv, max-pool), and the max-pooled spikes
+    # by the linear readout: all packed 4:1
     assert packer.packed_bytes > 0 and packer.saved_bytes == 4 * packer.packed_bytes
-    spikes_per_layer = T * B * 8 * 8 * 8
-    assert packer.packed_bytes == 2 * spikes_per_layer
+    assert packer.packed_bytes == 2 * T * B * 8 * 8 * 8 + T * B * 8 * 4 * 4
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
@@ -77,6 +77,70 @@ def test_online_training_is_bit_identical_with_packing(chunk):
             assert learner.packer.packed_bytes > 0
     for a, b in zip(params[False], params[True]):
         assert torch.equal(a, b)
+
+
+def _pooled_model(pool):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        layer.Conv2d(2, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), _lif(), pool,
+        layer.Conv2d(8, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), _lif(),
+        layer.Flatten(), layer.Linear(8 * 4 * 4, 5),
+    )
+    functional.set_step_mode(model, "m")
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("pool,packed_pool", [
+    (lambda: layer.AvgPool2d(2), True),          # quarters: counts 0..4 over 4
+    (lambda: layer.AvgPool2d((2, 4), stride=2, padding=(0, 1)), False),  # padding: not countable
+    (lambda: layer.AvgPool2d(3, stride=2, padding=1), False),  # 9 values a window: not a power of two
+    (lambda: layer.MaxPool2d(2), True),
+])
+def test_pooled_spikes_are_packed_exactly_when_countable(pool, packed_pool, dtype):
+    x, y = _data()
+    x = x.to(dtype)
+    results = {}
+    for pack in (False, True):
+        model = _pooled_model(pool()).to(dtype)
+        learner = slr.wrap(model, rule="sltt", pack_spikes=pack)
+        results[pack] = _zero_change_grads(model, x, y), learner.packer
+        learner.unwrap()
+    for a, b in zip(results[False][0], results[True][0]):
+        assert torch.equal(a, b)
+    spikes = T * B * 8 * 8 * 8  # the first layer's spikes, saved by the pool (avg and max pools keep their input)
+    pooled = T * B * 8 * 4 * 4  # saved by the second conv
+    last = T * B * 8 * 4 * 4  # the second layer's spikes, saved by the linear readout
+    assert results[True][1].packed_bytes == spikes + (pooled if packed_pool else 0) + last
+
+
+def test_pooled_window_reads_the_pooling_layers():
+    from snn_localrules.functional.spike_pack import pooled_window
+
+    assert pooled_window(nn.AvgPool2d(2)) == ("avg", 4)
+    assert pooled_window(nn.AvgPool2d((2, 4))) == ("avg", 8)
+    assert pooled_window(nn.AvgPool1d(4)) == ("avg", 4)
+    assert pooled_window(nn.AvgPool3d(2)) == ("avg", 8)
+    assert pooled_window(nn.AvgPool2d(3)) is None
+    assert pooled_window(nn.AvgPool2d(2, ceil_mode=True)) is None
+    assert pooled_window(nn.AvgPool2d(2, divisor_override=3)) is None
+    assert pooled_window(nn.AvgPool2d(16)) is None  # 256 values: counts past what bfloat16 holds exactly
+    assert pooled_window(nn.MaxPool2d(3, stride=2, padding=1)) == ("max", 1)
+    assert pooled_window(nn.MaxPool2d(2, return_indices=True)) is None
+    assert pooled_window(nn.AdaptiveAvgPool2d(1)) is None
+
+
+def test_part_of_a_larger_buffer_is_not_registered():
+    packer = SpikePacker()
+    with packer.activate():
+        buffer = torch.rand(200)
+        spikes = (buffer[:100] < 2).float()  # a fresh tensor: registered
+        packer.register(spikes)
+        assert packer._is_spikes(spikes)
+        view = buffer[100:]
+        view.copy_((view < 0.5).float())
+        packer.register(view)  # binary, but the other half of its storage is not
+        assert not packer._is_spikes(buffer)
 
 
 def test_a_freed_spike_tensor_is_forgotten():

@@ -6,8 +6,12 @@ into ``torch.bool`` when autograd saves it and unpacks it to the original dtype 
 the same values bit for bit, so gradients are unchanged, and the saved copy takes a quarter of the
 memory (fp32).
 
-Only tensors *known* to be binary are packed: outputs the fused SLTT neuron registered with
-:meth:`SpikePacker.register` (its forward is a Heaviside, so its outputs are exactly 0 or 1). A
+Only tensors *known* to hold such values are packed: outputs the fused SLTT neuron registered with
+:meth:`SpikePacker.register` (its forward is a Heaviside, so its outputs are exactly 0 or 1), and the
+outputs of pooling layers applied to them (:meth:`SpikePacker.derive`): a max pool of spikes is spikes, and
+an average pool over a window of ``a`` values, ``a`` a power of two, gives exactly ``count / a`` (both the
+sum of 0/1 values and a division by a power of two are exact in floating point), kept as the ``uint8``
+count. A
 registration is forgotten as soon as the spike tensor is freed (a weak reference), so a later tensor that
 reuses the address is never mistaken for spikes, and it is ignored once the spikes are modified in place
 (their version counter moved). While other saved-tensor hooks are active (``torch.utils.checkpoint``,
@@ -32,14 +36,41 @@ def _other_hooks_active() -> bool:
     return top(False) is not None
 
 
+#: the most values a pooled window may average (its counts must fit uint8, and be exact in bfloat16)
+_MAX_SCALE = 128
+
+
 class _Packed:
-    """A spike tensor as autograd keeps it: bool values and the dtype to restore."""
+    """A spike tensor as autograd keeps it: ``uint8`` counts, their divisor and the dtype to restore."""
 
-    __slots__ = ("bits", "dtype")
+    __slots__ = ("counts", "scale", "dtype")
 
-    def __init__(self, bits: torch.Tensor, dtype: torch.dtype):
-        self.bits = bits
+    def __init__(self, counts: torch.Tensor, scale: int, dtype: torch.dtype):
+        self.counts = counts
+        self.scale = scale
         self.dtype = dtype
+
+
+def pooled_window(module: torch.nn.Module) -> Optional[Tuple[str, int]]:
+    """``("max", 1)`` or ``("avg", a)`` when ``module`` maps spikes to values this packer can hold exactly:
+    a max pool, or an average pool without padding, ceil mode or divisor override over windows of ``a``
+    values, ``a`` a power of two; else None."""
+    nn = torch.nn
+    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        return None if module.return_indices else ("max", 1)
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        dims = 1 if isinstance(module, nn.AvgPool1d) else 2 if isinstance(module, nn.AvgPool2d) else 3
+        kernel = tuple(module.kernel_size) if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * dims
+        padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
+        area = 1
+        for k in kernel:
+            area *= int(k)
+        if any(int(p) != 0 for p in padding) or module.ceil_mode or getattr(module, "divisor_override", None):
+            return None
+        if area < 1 or area & (area - 1) or area > _MAX_SCALE:
+            return None
+        return ("avg", area)
+    return None
 
 
 class SpikePacker:
@@ -51,45 +82,73 @@ class SpikePacker:
     """
 
     def __init__(self) -> None:
-        self._spikes: Dict[int, Tuple[weakref.ref, int]] = {}  # storage address -> (tensor, version)
+        # storage address -> (tensor, version, scale): the values are count / scale, count in [0, scale]
+        self._spikes: Dict[int, Tuple[weakref.ref, int, int]] = {}
         self._depth = 0
         self._pushed = False
         self.packed_bytes = 0
         self.saved_bytes = 0
 
     # -- registration ------------------------------------------------------------------------------
-    def register(self, spikes: torch.Tensor) -> None:
-        """Declare ``spikes`` binary (exactly 0 or 1). Only while active; other dtypes are ignored."""
+    def register(self, spikes: torch.Tensor, scale: int = 1) -> None:
+        """Declare that every value of ``spikes`` is ``count / scale`` with an integer count in
+        ``[0, scale]`` (``scale=1``: binary). Only while active; other dtypes are ignored."""
         if not self._pushed or not isinstance(spikes, torch.Tensor) or spikes.dtype not in _PACKED_DTYPES:
             return
-        address = spikes.untyped_storage().data_ptr()
+        # the weak reference goes to the tensor owning the storage: a view (a pooling layer's reshaped
+        # output) may be dropped while later views of the same storage live on
+        owner = spikes._base if spikes._base is not None else spikes
+        storage = spikes.untyped_storage()
+        if spikes.numel() * spikes.element_size() != storage.nbytes():
+            return  # a part of a larger buffer: the rest of it may hold anything
+        address = storage.data_ptr()
         if address:
-            self._spikes[address] = (weakref.ref(spikes), spikes._version)
+            self._spikes[address] = (weakref.ref(owner), spikes._version, int(scale))
 
-    def _is_spikes(self, tensor: torch.Tensor) -> bool:
+    def derive(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        """A forward hook for pooling modules: when the input is registered spikes (or pooled spikes) and
+        the pool keeps the values countable (:func:`pooled_window`), register the output too."""
+        if not self._pushed or not isinstance(output, torch.Tensor):
+            return
+        source = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
+        scale = self._scale_of(source) if isinstance(source, torch.Tensor) else None
+        window = pooled_window(module)
+        if scale is None or window is None or scale * window[1] > _MAX_SCALE:
+            return
+        self.register(output, scale * window[1])
+
+    def _scale_of(self, tensor: torch.Tensor) -> Optional[int]:
         if tensor.dtype not in _PACKED_DTYPES or tensor.layout != torch.strided:
-            return False
+            return None
         entry = self._spikes.get(tensor.untyped_storage().data_ptr())
         if entry is None:
-            return False
-        ref, version = entry
+            return None
+        ref, version, scale = entry
         owner = ref()
         # alive: its storage cannot have been reused by another tensor; same version: not modified since
-        return owner is not None and owner._version == version and tensor._version == version
+        if owner is not None and owner._version == version and tensor._version == version:
+            return scale
+        return None
+
+    def _is_spikes(self, tensor: torch.Tensor) -> bool:
+        return self._scale_of(tensor) is not None
 
     # -- the hooks ---------------------------------------------------------------------------------
     def _pack(self, tensor: torch.Tensor) -> Any:
-        if not self._is_spikes(tensor):
+        scale = self._scale_of(tensor)
+        if scale is None:
             return tensor
-        bits = tensor.detach().to(torch.bool)
-        self.packed_bytes += bits.numel() * bits.element_size()
+        values = tensor.detach()
+        counts = (values if scale == 1 else values * scale).to(torch.uint8)
+        self.packed_bytes += counts.numel() * counts.element_size()
         self.saved_bytes += tensor.numel() * tensor.element_size()
-        return _Packed(bits, tensor.dtype)
+        return _Packed(counts, scale, tensor.dtype)
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:
         if isinstance(saved, _Packed):
-            return saved.bits.to(saved.dtype)
+            values = saved.counts.to(saved.dtype)
+            return values if saved.scale == 1 else values.div_(saved.scale)
         return saved
 
     # -- activation --------------------------------------------------------------------------------

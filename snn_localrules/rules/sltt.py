@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..adapter import NeuronAdapter
 from ..errors import LossError, NonFiniteLossError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss
-from ..functional.spike_pack import SpikePacker
+from ..functional.spike_pack import SpikePacker, pooled_window
 from ..memory import SavedBytes, memory_budget, storage_keys
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks
@@ -279,6 +279,10 @@ class SLTT(Rule):
         packer = SpikePacker() if self.pack_spikes and self.fused and not alone else None
         if packer is not None and not install_spike_packing(hooks, self.model, packer):
             packer = None
+        if packer is not None:  # pooled spikes are countable too: max pools, power-of-two average pools
+            for module in self.model.modules():
+                if pooled_window(module) is not None:
+                    hooks.forward_hook(module, packer.derive)
         install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer)
         self.packer = packer
 
