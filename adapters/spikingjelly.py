@@ -185,10 +185,13 @@ class SpikingJellyNeuron(NeuronAdapter):
             return self.run_steps(x, _nothing)
         return super().own_forward(x, *args, **kwargs)
 
+    def _keeps_v_seq(self) -> bool:
+        # with ``store_v_seq`` a multi-step call leaves the post-reset membrane of every step in ``v_seq``
+        return bool(getattr(self.module, "store_v_seq", False))
+
     def run_steps(self, x_seq: torch.Tensor, before_step) -> torch.Tensor:
-        # With ``store_v_seq`` a multi-step call leaves the post-reset membrane of every step in
-        # ``v_seq`` [T, N, *]; keep that contract when the sequence is run step by step.
-        keep_v = bool(getattr(self.module, "store_v_seq", False))
+        # keep the ``v_seq`` [T, N, *] contract of the neuron's own multi-step call when it is stepped
+        keep_v = self._keeps_v_seq()
         outputs, voltages = [], []
         for x in x_seq:
             before_step()
@@ -392,18 +395,9 @@ class LegacySpikingJellyNeuron(SpikingJellyNeuron):
             return self._step(self.module, x, *args, **kwargs)
         return type(self.module).forward(self.module, x, *args, **kwargs)
 
-    def run_steps(self, x_seq: torch.Tensor, before_step) -> torch.Tensor:
+    def _keeps_v_seq(self) -> bool:
         # MultiStep* neurons always leave the post-reset membrane of every step in v_seq [T, N, *]
-        keep_v = "v_seq" in self.module._memories
-        outputs, voltages = [], []
-        for x in x_seq:
-            before_step()
-            outputs.append(self.single_step(x))
-            if keep_v:
-                voltages.append(self.module.v)
-        if keep_v:
-            self.module.v_seq = stack_steps(voltages)
-        return stack_steps(outputs)
+        return "v_seq" in self.module._memories
 
     def fused_sltt_multi_step(self, x_seq: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # no fused form is proven equal to a legacy neuron's forward: stepped

@@ -31,22 +31,30 @@ def _fresh_model(step_mode):
 
 
 # -- torch.distributed ---------------------------------------------------------------------------
-def _ddp_worker(rank, world, port, step_mode, K, chunk, out_dir):
+def _counting_ddp(rank, world, port, net):
+    """Join a 2-process gloo group and wrap ``net`` in DDP whose all-reduces are counted."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = DDP(net)
+    reductions = []
+
+    def counting_allreduce(state, bucket):
+        reductions.append(1)
+        tensor = bucket.buffer().div_(world)
+        return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+    model.register_comm_hook(None, counting_allreduce)
+    return model, reductions
+
+
+def _ddp_worker(rank, world, port, step_mode, K, chunk, out_dir):
+    import torch.distributed as dist
+
+    model, reductions = _counting_ddp(rank, world, port, _fresh_model(step_mode))
     try:
-        model = DDP(_fresh_model(step_mode))
-        reductions = []
-
-        def counting_allreduce(state, bucket):
-            reductions.append(1)
-            tensor = bucket.buffer().div_(world)
-            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
-
-        model.register_comm_hook(None, counting_allreduce)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         learner = slr.wrap(model, rule="sltt", optimizer=optimizer, K=K, seed=3, chunk=chunk)
         per_batch = []
@@ -274,20 +282,9 @@ def _tp_learner(model, label_batch, **kwargs):
 
 def _tp_ddp_worker(rank, world, port, step_mode, label_batch, global_contrast, split, out_dir):
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, reductions = _counting_ddp(rank, world, port, _tp_model(step_mode))
     try:
-        model = DDP(_tp_model(step_mode))
-        reductions = []
-
-        def counting_allreduce(state, bucket):
-            reductions.append(1)
-            tensor = bucket.buffer().div_(world)
-            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
-
-        model.register_comm_hook(None, counting_allreduce)
         learner = _tp_learner(model, label_batch, global_contrast=global_contrast)
         per_batch = []
         for x, y in _data(batches=2):
