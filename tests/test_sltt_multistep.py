@@ -255,6 +255,8 @@ def test_backward_matches_spikingjelly_stepped_with_cut_state(kind):
     ("PiecewiseExp", 1.0), ("Erf", 2.0), ("SoftSign", 2.0), ("SuperSpike", 1.0)])
 def test_closed_form_surrogate_derivatives_equal_spikingjelly(name, alpha):
     """The adapter's in-place derivative of each SpikingJelly surrogate equals the class's own backward."""
+    if not hasattr(surrogate, name):
+        pytest.skip(f"this SpikingJelly has no surrogate.{name}")
     sg = getattr(surrogate, name)(alpha=alpha)
     z = torch.linspace(-3.0, 3.0, 601, dtype=torch.float64).requires_grad_(True)
     (expected,) = torch.autograd.grad(sg(z).sum(), z)
@@ -411,7 +413,8 @@ def test_neurons_not_proven_equal_are_stepped():
              (sj_neuron.LIFNode(tau=2.0, surrogate_function=UserSurrogate()), False),
              # a random spike function (it would be drawn again in the fused backward); threshold 0 and
              # inputs in [0, 1) keep its Bernoulli probabilities valid
-             (sj_neuron.LIFNode(tau=2.0, v_threshold=0.0, surrogate_function=surrogate.PoissonPass()), False)]
+             *([(sj_neuron.LIFNode(tau=2.0, v_threshold=0.0, surrogate_function=surrogate.PoissonPass()), False)]
+               if hasattr(surrogate, "PoissonPass") else [])]
     for node, should_fuse in cases:
         model = nn.Sequential(node)
         functional.set_step_mode(model, "m")
@@ -439,7 +442,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
 def test_cuda_forward_equals_spikingjelly_and_backward_equals_reference(cfg, dtype):
     kind, v_reset, decay, detach = cfg
-    sg = SURROGATES["Sigmoid"]()
+    sg = SURROGATES["sigmoid"]()
     x = make_input(torch.float32).to("cuda", dtype)
     v0 = (make_input(torch.float32, seed=1)[0] * 0.5).to("cuda", dtype)
     w = plif_w(torch.float32).cuda() if kind == "plif" else None
