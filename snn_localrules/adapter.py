@@ -6,6 +6,8 @@ keeps its carried state in module attributes (``state_names``); a plugin overrid
 """
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -47,6 +49,20 @@ class NeuronAdapter:
 
     def __init__(self, module: nn.Module):
         self.module = module
+
+    def for_module(self, module: nn.Module) -> "NeuronAdapter":
+        """This adapter, or one like it for ``module``: a deep copy of a wrapped model carries the rule's
+        hooks and per-instance forwards along, and they must act on the copy's own neurons."""
+        if module is self.module:
+            return self
+        copies = self.__dict__.setdefault("_copies", weakref.WeakKeyDictionary())
+        adapter = copies.get(module)
+        if adapter is None:
+            adapter = copy.copy(self)
+            adapter.__dict__.pop("_copies", None)
+            adapter.module = module
+            copies[module] = adapter
+        return adapter
 
     # -- carried state ---------------------------------------------------------------------------
     def get_state(self) -> Dict[str, Any]:

@@ -7,6 +7,8 @@ recorded in a :class:`ModuleHooks` and removed by :func:`unwrap`.
 """
 from __future__ import annotations
 
+import types
+
 import weakref
 from typing import Any, Callable, List, Optional
 
@@ -37,13 +39,14 @@ class ModuleHooks:
         self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
 
     def replace_forward(self, module: nn.Module, fn: Callable) -> None:
-        """Give ``module`` a per-instance ``forward`` (its class is untouched)."""
+        """Give ``module`` a per-instance ``forward``: ``fn(module, *args, **kwargs)`` bound to it (its class
+        is untouched). Bound, so that ``copy.deepcopy`` of the model binds the copy's forward to the copy."""
         if "forward" in vars(module):
             raise WrapError(
                 f"{type(module).__name__} already has a per-instance forward (set by other code); "
                 "snn-localrules will not overwrite it. Remove it, or wrap a model without it."
             )
-        object.__setattr__(module, "forward", fn)
+        object.__setattr__(module, "forward", types.MethodType(fn, module))
         self._forwards.append(module)
 
     def remove(self) -> None:

@@ -232,3 +232,44 @@ def test_zero_change_gradient_differs_from_bptt():
         if learner:
             learner.unwrap()
     assert not torch.allclose(grads[0], grads[1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_a_deep_copy_of_a_wrapped_model_runs_its_own_weights_and_neurons(step_mode):
+    # users snapshot models (best model, EMA) with copy.deepcopy while training: the copy carries the
+    # rule's hooks and forwards along, and they must act on the copy, not on the original
+    import copy
+
+    import torch.nn.functional as F
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    model = nn.Sequential(layer.Linear(4, 6), neuron.LIFNode(), layer.Linear(6, 3), neuron.LIFNode(v_threshold=0.3))
+    functional.set_step_mode(model, step_mode)
+    fresh = copy.deepcopy(model)  # never wrapped until below: the truth
+    slr.wrap(model, rule="sltt")
+    snapshot_copy = copy.deepcopy(model)
+    for net in (snapshot_copy, fresh):
+        with torch.no_grad():
+            net[2].weight.mul_(0.5)
+            net[2].bias.fill_(1.0)  # the copy's weights now differ from the original's
+    slr.wrap(fresh, rule="sltt")
+    x = torch.rand(5, 2, 4) * 3
+    y = torch.tensor([0, 2])
+
+    def run(net):
+        out = net(x) if step_mode == "m" else torch.stack([net(x_t) for x_t in x])
+        loss = sum(F.cross_entropy(o, y) for o in out)
+        loss.backward()
+        functional.reset_net(net)
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    before = [dict(n._memories) for n in (model[1], model[3])]
+    out, grads = run(snapshot_copy)
+    assert [dict(n._memories) for n in (model[1], model[3])] == before  # the original's neurons untouched
+    ref_out, ref_grads = run(fresh)
+    assert torch.equal(out, ref_out) and out.sum() > 0
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    original_out, _ = run(model)
+    assert not torch.equal(original_out, out)  # and the original still runs its own weights

@@ -72,9 +72,10 @@ def _cut_state_pre_hook(neuron: NeuronAdapter) -> Callable:
     """A forward pre-hook: the neuron's carried state enters this call as a constant."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        neuron.detach_state()
-        if neuron.explicit_state:
-            return neuron.detach_call_state(args, kwargs)
+        adapter = neuron.for_module(module)  # a deep copy of the model carries this hook along
+        adapter.detach_state()
+        if adapter.explicit_state:
+            return adapter.detach_call_state(args, kwargs)
         return None
 
     return hook
@@ -86,7 +87,10 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
     elementwise backward when ``fused`` and the adapter has that form for the neuron as configured
     (``NeuronAdapter.fused_sltt_multi_step``), else one step at a time. Otherwise (single-step, or
     no_grad) call the neuron's own forward unchanged, so inference keeps its fast path."""
-    def forward(x, *args, **kwargs):
+    base = neuron
+
+    def forward(module: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+        neuron = base.for_module(module)  # a deep copy of the model gets this forward bound to its neuron
         if neuron.multi_step and torch.is_grad_enabled():
             if args or kwargs:
                 raise UnsupportedModelError(
@@ -124,12 +128,11 @@ def install_spike_packing(hooks: ModuleHooks, model: nn.Module, packer: SpikePac
     per-instance forward (e.g. the model is a single multi-step neuron: nothing downstream saves spikes)."""
     if "forward" in vars(model):
         return False
-    own = type(model).forward
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         packer.enter()
         try:
-            return own(model, *args, **kwargs)
+            return type(module).forward(module, *args, **kwargs)
         finally:
             packer.exit()
 
