@@ -173,9 +173,10 @@ class SLTT(Rule):
         ``LIFNode``, ``ParametricLIFNode``) as one call with an elementwise backward over all its steps
         (:mod:`snn_localrules.functional.sltt_multistep`) instead of step by step: the same gradients,
         fewer autograd nodes. Neurons without a proven-equal fused form are always stepped.
-    :param pack_spikes: with ``fused``, the spikes of fused neurons are kept for backward as ``bool``
-        (1 byte a value instead of 4 in fp32) by the layers that save them (the conv or linear after a
-        neuron): exactly the same values, so the same gradients, and less memory
+    :param pack_spikes: with ``fused``, the spikes of fused neurons are kept for backward as 1-byte values
+        (instead of 4 in fp32) by the layers that save them (the conv, linear or pool after a neuron; also
+        max-pooled and power-of-two average-pooled spikes, as exact counts): exactly the same values, so
+        the same gradients, and less memory
         (:mod:`snn_localrules.functional.spike_pack`). It stands aside while other saved-tensor hooks are
         active (``torch.utils.checkpoint``, ``save_on_cpu``) and under ``torch.compile``.
     :param autocast: mixed precision for online mode: ``None``/``False`` (off), ``True`` (the device's
