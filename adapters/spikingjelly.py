@@ -440,23 +440,31 @@ def slr_reset_model(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
             module.reset()  # e.g. layer.Dropout's mask, recurrent containers' last output
 
 
+def _neuron_classes(neuron_module: Any, base: Any) -> List[tuple]:
+    """``(name, class)`` of the neuron classes a SpikingJelly neuron module defines: the ``MemoryModule``
+    classes whose default instance keeps a membrane ``v`` (classes that need constructor arguments are
+    still wrapped when their instances keep ``v``; they are just not listed)."""
+    found = []
+    for name in dir(neuron_module):
+        cls = getattr(neuron_module, name)
+        if not (isinstance(cls, type) and issubclass(cls, base.MemoryModule)) or "Base" in name:
+            continue
+        try:
+            probe = cls()
+        except Exception:
+            continue
+        if _is_neuron(probe, base):
+            found.append((name, cls))
+    return found
+
+
 @hookimpl
 def slr_neuron_types() -> List[NeuronInfo]:
     try:
         from spikingjelly.activation_based import base, neuron
     except ImportError:
         return _legacy_neuron_types()
-    found = []
-    for name in dir(neuron):
-        cls = getattr(neuron, name)
-        if not (isinstance(cls, type) and issubclass(cls, base.MemoryModule)) or "Base" in name:
-            continue
-        try:
-            probe = cls()
-        except Exception:  # needs constructor arguments: wrapped if its instances keep 'v', not listed
-            continue
-        if _is_neuron(probe, base):
-            found.append(NeuronInfo("spikingjelly", name, "single- and multi-step"))
+    found = [NeuronInfo("spikingjelly", name, "single- and multi-step") for name, _ in _neuron_classes(neuron, base)]
     return found + _legacy_neuron_types()
 
 
@@ -466,17 +474,8 @@ def _legacy_neuron_types() -> List[NeuronInfo]:
     if legacy is None or neuron is None:
         return []
     found = []
-    for name in dir(neuron):
-        cls = getattr(neuron, name)
-        if not (isinstance(cls, type) and issubclass(cls, legacy.MemoryModule)) or "Base" in name:
-            continue
-        try:
-            probe = cls()
-        except Exception:  # needs constructor arguments: wrapped if its instances keep 'v', not listed
-            continue
-        if _is_neuron(probe, legacy):
-            step = _legacy_step_forward(cls)
-            notes = ("clock_driven, multi-step [T, B, ...], any backend (stepped in torch)" if step
-                     else "clock_driven, single-step")
-            found.append(NeuronInfo("spikingjelly", f"clock_driven.{name}", notes))
+    for name, cls in _neuron_classes(neuron, legacy):
+        notes = ("clock_driven, multi-step [T, B, ...], any backend (stepped in torch)" if _legacy_step_forward(cls)
+                 else "clock_driven, single-step")
+        found.append(NeuronInfo("spikingjelly", f"clock_driven.{name}", notes))
     return found
