@@ -32,6 +32,15 @@ def mean_over_group(value: float, group: Any, device: torch.device) -> float:
     return float(tensor) / dist.get_world_size(group)
 
 
+def finite_on_every_process(value: torch.Tensor, group: Optional[Any]) -> bool:
+    """Whether ``value`` is finite here and, with a ``group``, on every process of it: a failing step must
+    raise on all processes together, or the others would wait forever in the next collective."""
+    finite = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if group is not None:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
+    return bool(finite)
+
+
 def gather_sizes(rows: int, group: Any, device: torch.device) -> List[int]:
     """Every process's row count, in rank order (batches may differ by rank, e.g. the last one)."""
     mine = torch.tensor([rows], dtype=torch.int64, device=device)

@@ -127,7 +127,8 @@ class TP(Rule):
     :param global_contrast: under ``DistributedDataParallel``, compare each sample's traces with the
         label-path traces of the *whole* global batch (all processes), so that training on P processes
         equals training on their concatenated batch in one process. Costs one all-gather of each
-        layer's label traces per step (``[B, N]``, small next to the gradients' all-reduce). ``None``
+        layer's label traces per step (``[B, ...]``: measured 0.63x the gradients' all-reduce traffic on
+        the benchmarks' VGG-like net, see the README). ``None``
         (default): on when the model is DDP-wrapped in a group of more than one process. ``False``:
         each process contrasts within its own batch only (a smaller contrastive batch).
 
@@ -313,7 +314,13 @@ class TP(Rule):
                             "Fix the labels, or wrap with the right num_classes=.")
         B = x_seq.shape[1]
         sequence_model = self._sequence_model()
-        contrast = self._contrast_plan(y)
+        group = distributed.model_group(self.model)  # the DDP process group, or None
+        if group is not None and self.frozen and not getattr(self.model, "find_unused_parameters", False):
+            raise WrapError(
+                f"layers {sorted(self.frozen, key=str)} are frozen, so their parameters get no gradient, which "
+                "DistributedDataParallel refuses by default; build it with find_unused_parameters=True."
+            )
+        contrast = self._contrast_plan(y, group)
         self.reset_state()
         layer_sums: Dict[int, float] = {}
         readout_sum = 0.0
@@ -379,7 +386,7 @@ class TP(Rule):
                 if "readout" not in self.frozen:
                     losses.append(readout_loss)
                 total = sum(losses, torch.zeros((), device=readout.device))
-                if not self._finite_everywhere(total, contrast):
+                if not distributed.finite_on_every_process(total, group):
                     raise NonFiniteLossError(f"the TP loss at time step {t} is {float(total.detach())}; check the input scale.")
                 self.optimizer.zero_grad(set_to_none=True)
                 if total.requires_grad:
@@ -416,37 +423,20 @@ class TP(Rule):
             skipped_steps=skipped,
         )
 
-    def _contrast_plan(self, y: torch.Tensor) -> Optional["_GlobalContrast"]:
-        """Under DDP with ``global_contrast``: the group, every process's batch size, the global labels and
-        this process's rows in the global batch (one small all-gather per batch); else None."""
-        group = distributed.model_group(self.model) if self.global_contrast is not False else None
+    def _contrast_plan(self, y: torch.Tensor, group: Any) -> Optional["_GlobalContrast"]:
+        """Under DDP (``group``) with ``global_contrast``: the group, every process's batch size, the global
+        labels and this process's rows in the global batch (one small all-gather per batch); else None."""
         if self.global_contrast and group is None:
             raise WrapError(
                 "global_contrast=True needs a DistributedDataParallel model in an initialised process group "
                 "of more than one process; in a single process leave it at None."
             )
-        if group is None:
+        if group is None or self.global_contrast is False:
             return None
-        if self.frozen and not getattr(self.model, "find_unused_parameters", False):
-            raise WrapError(
-                f"layers {sorted(self.frozen, key=str)} are frozen, so their parameters get no gradient, which "
-                "DistributedDataParallel refuses by default; build it with find_unused_parameters=True."
-            )
         sizes = distributed.gather_sizes(len(y), group, y.device)
         labels = distributed.gather_rows(y, group, sizes)
         start = distributed.row_offset(group, sizes)
         return _GlobalContrast(group, sizes, labels, slice(start, start + len(y)))
-
-    @staticmethod
-    def _finite_everywhere(total: torch.Tensor, contrast: Optional["_GlobalContrast"]) -> bool:
-        """Whether the step's loss is finite, on every process under DDP (all must raise together, or the
-        others would wait forever in the next collective)."""
-        finite = torch.isfinite(total.detach()).to(torch.float32).reshape(1)
-        if contrast is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=contrast.group)
-        return bool(finite)
 
     @torch.no_grad()
     def _learn_layer_order(self, inputs: torch.Tensor, sequence_model: bool) -> None:
