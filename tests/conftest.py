@@ -7,6 +7,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """For modules of hundreds of tiny cases: intra-op threads only add overhead there (on a loaded machine
+    they made test_sltt_reference 5x slower). Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def snapshot(model):
     """Everything unwrap must restore: classes, state_dict values, step modes, hooks, instance forwards."""
     return {

@@ -51,13 +51,8 @@ def _configs():
 CONFIGS = _configs()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # hundreds of tiny cases: intra-op threads only add overhead on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# hundreds of tiny cases: one intra-op thread (conftest.one_intra_op_thread)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _config_id(cfg):

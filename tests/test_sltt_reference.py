@@ -58,14 +58,8 @@ N_HID = 16
 N_OUT = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # The tensors here are tiny; intra-op threading only adds overhead, and on a
-    # loaded machine it made this module 5x slower.  Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# hundreds of tiny cases: one intra-op thread (conftest.one_intra_op_thread)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # --------------------------------------------------------------------------
