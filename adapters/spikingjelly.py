@@ -212,11 +212,13 @@ class SpikingJellyNeuron(NeuronAdapter):
         materialize = getattr(module, "materialize_states", None)
         if callable(materialize):
             (v,) = materialize((x_seq,), tuple(module._memories.values()), "m")
+            if isinstance(module._memories["v"], float):
+                v = module._memories["v"]  # a fill: the fused node then keeps the number, not a tensor of it
             derivative = surrogate_derivative(module.surrogate_function)
         else:
             # before 2.0 v stays a float until the first step fills a tensor with it (v_float_to_tensor);
             # the closed-form derivatives are tested against 2.0's surrogates only: autograd of the object
-            v = module.v if isinstance(module.v, torch.Tensor) else torch.full_like(x_seq[0], module.v)
+            v = module.v
             derivative = None
         spikes, v, v_seq = sltt_multi_step(
             x_seq, v, kind,

@@ -5,8 +5,10 @@ Four ways of training the same multi-step VGG-like SNN (the network of ``memory_
 * ``bptt``        -- plain SpikingJelly multi-step model, loss = mean_t CE(out[t], y), one backward.
 * ``sltt_fused``  -- the same loop after ``slr.wrap(model, rule="sltt")`` (zero-change mode, ``fused=True``,
   the default): each multi-step neuron call is one fused node with SLTT's elementwise backward.
-  Its spikes are kept for backward as bool by the layers after the neurons (``pack_spikes=True``, default).
-* ``sltt_fused_nopack`` -- the same with ``pack_spikes=False``: spikes saved in the model's dtype.
+  Its spikes are kept for backward as 1-byte values by the layers after the neurons (``pack_spikes=True``,
+  default), and a neuron fed by a batch norm keeps no membrane (``recompute_membrane=True``, default).
+* ``sltt_fused_keepmem`` -- the same with ``recompute_membrane=False``: every fused neuron keeps its membrane.
+* ``sltt_fused_nopack`` -- the fused neuron alone: ``pack_spikes=False, recompute_membrane=False``.
 * ``sltt_steps``  -- the same with ``fused=False``: each neuron call runs step by step, state cut per step.
 * ``sltt_online`` -- ``slr.wrap(model, rule="sltt", optimizer=opt)``; ``learner.step`` drives the time loop.
 
@@ -46,7 +48,7 @@ from memory_vs_T import (  # noqa: E402  (shared probes and network constants, o
     current_rss_bytes, launch_worker, make_optimizer, merge_time_and_memory, peak_rss_bytes, system_cpu_seconds, wait_until_idle,
 )
 
-METHODS = ("bptt", "sltt_fused", "sltt_fused_nopack", "sltt_steps", "sltt_online")
+METHODS = ("bptt", "sltt_fused", "sltt_fused_keepmem", "sltt_fused_nopack", "sltt_steps", "sltt_online")
 FULL_TS = (4, 8, 16)
 QUICK_TS = (4,)
 RESULT_TAG = "MULTISTEP_RESULT "
@@ -109,9 +111,10 @@ def run_worker(args) -> Dict:
         def train_batch():
             return learner.step(x_seq, y).loss
     else:
-        if method in ("sltt_fused", "sltt_fused_nopack", "sltt_steps"):
+        if method in ("sltt_fused", "sltt_fused_keepmem", "sltt_fused_nopack", "sltt_steps"):
             learner = slr.wrap(model, rule="sltt", fused=(method != "sltt_steps"),
-                               pack_spikes=(method == "sltt_fused"))
+                               pack_spikes=method in ("sltt_fused", "sltt_fused_keepmem"),
+                               recompute_membrane=(method == "sltt_fused"))
 
         def train_batch():  # the user's own BPTT loop, unchanged
             optimizer.zero_grad(set_to_none=True)

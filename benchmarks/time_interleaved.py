@@ -24,8 +24,8 @@ sys.path.insert(0, HERE)
 DEFAULT_OUT = os.path.join(HERE, "results", "time_interleaved.json")
 METHODS = ("bptt", "sj_online", "sltt", "sltt_k2")  # the default set
 #: on request (--methods): online SLTT with chunk=c, and zero-change SLTT (the user's BPTT loop on the
-#: wrapped multi-step model) with and without spike packing
-EXTRA_METHODS = ("sltt_c2", "sltt_c4", "zc_fused", "zc_fused_nopack")
+#: wrapped multi-step model) as default, keeping every membrane, and the fused neuron alone
+EXTRA_METHODS = ("sltt_c2", "sltt_c4", "zc_fused", "zc_fused_keepmem", "zc_fused_nopack")
 
 
 def build_methods(T: int, args) -> Dict[str, Callable[[], None]]:
@@ -75,10 +75,11 @@ def build_methods(T: int, args) -> Dict[str, Callable[[], None]]:
             net, opt = model(False)
             learner = slr.wrap(net, rule="sltt", optimizer=opt, K=K, seed=args.seed, chunk=chunk)
             methods[name] = (lambda learner=learner: learner.step(x_seq, y))
-    for name, pack in (("zc_fused", True), ("zc_fused_nopack", False)):
+    for name, pack, recompute in (("zc_fused", True, True), ("zc_fused_keepmem", True, False),
+                                  ("zc_fused_nopack", False, False)):
         if name in args.methods:
             net, opt = model(False)
-            slr.wrap(net, rule="sltt", pack_spikes=pack)
+            slr.wrap(net, rule="sltt", pack_spikes=pack, recompute_membrane=recompute)
 
             def zero_change(net=net, opt=opt):
                 opt.zero_grad(set_to_none=True)

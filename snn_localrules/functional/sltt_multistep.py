@@ -35,6 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..errors import BackendError
+from .norm_recompute import NormSource, pending_source
 
 SurrogateFunction = Callable[[torch.Tensor], torch.Tensor]
 #: ``z -> d spike / d z`` elementwise, allowed to overwrite ``z`` (it receives a buffer of its own)
@@ -94,15 +95,18 @@ class SLTTMultiStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_seq: torch.Tensor, v_init: torch.Tensor, w: Optional[torch.Tensor], cfg: _Neuron):
+    def forward(ctx, x_seq: torch.Tensor, v_init: torch.Tensor, w: Optional[torch.Tensor], cfg: _Neuron,
+                v_fill: Optional[float] = None):
         ctx.set_materialize_grads(False)
         k = w.sigmoid() if cfg.kind == "plif" else None
+        # a neuron fed by a batch norm keeps no H (see norm_recompute): then H is one step's buffer at a time
+        pending = pending_source(x_seq)
         spikes = torch.empty_like(x_seq)
-        charged = torch.empty_like(x_seq)
+        charged = torch.empty_like(x_seq) if pending is None else None
         v_seq = torch.empty_like(x_seq) if cfg.store_v_seq else None
         v = v_init
         for t in range(x_seq.shape[0]):
-            h = charged[t]
+            h = charged[t] if charged is not None else torch.empty_like(x_seq[t])
             _charge(cfg, x_seq[t], v, k, out=h)
             spike = cfg.surrogate_function(h - cfg.v_threshold)
             spikes[t] = spike
@@ -110,24 +114,63 @@ class SLTTMultiStep(torch.autograd.Function):
             if v_seq is not None:
                 v_seq[t] = v
         ctx.cfg = cfg
+        ctx.v_fill = v_fill  # v_init is this number everywhere (the state's first call): kept as the number
         ctx.plif_grad = cfg.kind == "plif" and w is not None and ctx.needs_input_grad[2]
+        ctx.norm = None
+        if pending is not None:
+            # the input is a batch norm's output: keep what rebuilds it (the norm's own saved input) and the
+            # spikes (which the next layer keeps anyway) instead of H; backward charges again
+            source, packer = pending
+            if packer is not None:
+                packer.register(spikes)  # before it is saved: packed once, shared with the next layer
+            ctx.norm = (source.eps, source.channel_dim, x_seq.shape)
+            ctx.save_for_backward(*source.tensors(), spikes, v_init if v_fill is None else None, k)
+            return spikes, v, v_seq
         # the input is needed only for PLIF's d H / d k with decay_input (X[t] - (V[t-1] - V_reset))
         keep_x = ctx.plif_grad and cfg.decay_input
-        ctx.save_for_backward(charged, v_init if ctx.plif_grad else None, x_seq if keep_x else None, k)
+        keep_v = ctx.plif_grad and v_fill is None
+        ctx.save_for_backward(charged, v_init if keep_v else None, x_seq if keep_x else None, k)
         return spikes, v, v_seq
 
     @staticmethod
     @once_differentiable  # the elementwise backward works in place; no double backward
     def backward(ctx, grad_spikes, grad_v, grad_v_seq):
         cfg: _Neuron = ctx.cfg
-        charged, v_init, x_seq, k = ctx.saved_tensors
+        disposable = False
+        if ctx.norm is not None:
+            eps, dim, shape = ctx.norm
+            *norm_saved, spikes, v_init, k = ctx.saved_tensors
+            x_seq = NormSource.rebuild(tuple(norm_saved), eps, dim).view(shape)
+            if v_init is None:
+                v_init = torch.full_like(x_seq[0], ctx.v_fill)
+            if ctx.plif_grad and cfg.decay_input:
+                charged = _charge_again(cfg, x_seq, v_init, k, spikes, torch.empty_like(x_seq))
+            else:  # H overwrites the rebuilt input, which nothing else needs: one [T, N, ...] buffer
+                charged, x_seq, disposable = _charge_again(cfg, x_seq, v_init, k, spikes, x_seq), None, True
+        else:
+            charged, v_init, x_seq, k = ctx.saved_tensors
+            spikes = None  # the backward takes them again from H, bit for bit
+            if v_init is None and ctx.plif_grad:
+                v_init = torch.full_like(charged[0], ctx.v_fill)
         grad_x, grad_w = sltt_multi_step_backward(
             cfg, charged, grad_spikes, grad_v, grad_v_seq, k=k, v_init=v_init, x_seq=x_seq,
-            need_grad_w=ctx.plif_grad,
+            need_grad_w=ctx.plif_grad, spikes=spikes, charged_disposable=disposable,
         )
         if grad_x is not None and not ctx.needs_input_grad[0]:
             grad_x = None
-        return grad_x, None, grad_w, None
+        return grad_x, None, grad_w, None, None
+
+
+def _charge_again(cfg: _Neuron, x_seq: torch.Tensor, v_init: torch.Tensor, k: Optional[torch.Tensor],
+                  spikes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """H of every step, into ``out`` (which may be ``x_seq``: step t reads X[t] before writing H[t]), from
+    the input and the forward's spikes: the forward's recurrence, with the saved spikes in the resets (a
+    rebuilt H within rounding of the threshold cannot fire differently)."""
+    v = v_init
+    for t in range(x_seq.shape[0]):
+        _charge(cfg, x_seq[t], v, k, out=out[t])
+        v = _reset(cfg, out[t], spikes[t])
+    return out
 
 
 def sltt_multi_step_backward(
@@ -140,6 +183,8 @@ def sltt_multi_step_backward(
     v_init: Optional[torch.Tensor] = None,
     x_seq: Optional[torch.Tensor] = None,
     need_grad_w: bool = False,
+    spikes: Optional[torch.Tensor] = None,
+    charged_disposable: bool = False,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The SLTT gradient of one multi-step call, all T steps at once.
 
@@ -150,6 +195,9 @@ def sltt_multi_step_backward(
     :param k: PLIF's ``sigmoid(w)`` (0-dim).
     :param v_init: the membrane entering step 0 (PLIF's w gradient only).
     :param x_seq: the input (PLIF's w gradient with ``decay_input`` only).
+    :param spikes: the forward's spikes, when ``charged`` was rebuilt (else taken again from ``charged``).
+    :param charged_disposable: ``charged`` is the caller's scratch buffer: the common case computes the
+        surrogate's derivative in it instead of in a new one.
     :return: ``(dL/dX [T, N, ...] or None, dL/dw (0-dim) or None)``; the w gradient is the sum over
         t of the per-step gradients with ``V[t-1]`` held constant.
     """
@@ -171,8 +219,11 @@ def sltt_multi_step_backward(
     if grad_s is None:
         grad_h = torch.zeros_like(charged)
     elif cfg.surrogate_derivative is not None:
-        # in place in one buffer: the only [T, N, ...] temporary of the common case
-        grad_h = cfg.surrogate_derivative(charged - cfg.v_threshold).mul_(grad_s)
+        # in place in one buffer: the only [T, N, ...] temporary of the common case; none when H is scratch
+        # and nothing below reads it again
+        in_place = charged_disposable and grad_v_all is None and not need_grad_w
+        z = charged.sub_(cfg.v_threshold) if in_place else charged - cfg.v_threshold
+        grad_h = cfg.surrogate_derivative(z).mul_(grad_s)
     else:
         # one autograd call of the surrogate over all steps gives its derivative, whatever surrogate it is
         with torch.enable_grad():
@@ -183,6 +234,8 @@ def sltt_multi_step_backward(
             grad_h = grad_h.clone()  # a pass-through surrogate: the buffer below must be our own
         spike = spike.detach()
         del z
+    if spikes is not None:
+        spike = spikes
     if (grad_v_all is not None and cfg.v_reset is not None) or need_grad_w:
         if spike is None:
             spike = cfg.surrogate_function(charged - cfg.v_threshold).detach()
@@ -283,13 +336,14 @@ def sltt_multi_step(
     if isinstance(v, torch.Tensor):
         if v.shape != x_seq.shape[1:]:
             raise ValueError(f"v has shape {tuple(v.shape)}, but one step of x_seq has {tuple(x_seq.shape[1:])}.")
-        v_init = v.detach().to(dtype=x_seq.dtype, device=x_seq.device)
+        v_init, v_fill = v.detach().to(dtype=x_seq.dtype, device=x_seq.device), None
     else:
-        v_init = torch.full_like(x_seq[0], float(v))
+        v_fill = float(v)
+        v_init = torch.full_like(x_seq[0], v_fill)
     cfg = _Neuron(
         kind=neuron, tau=float(tau), decay_input=bool(decay_input), v_threshold=float(v_threshold),
         v_reset=None if v_reset is None else float(v_reset), detach_reset=bool(detach_reset),
         store_v_seq=bool(store_v_seq), surrogate_function=surrogate_function,
         surrogate_derivative=surrogate_derivative,
     )
-    return SLTTMultiStep.apply(x_seq, v_init, w if neuron == "plif" else None, cfg)
+    return SLTTMultiStep.apply(x_seq, v_init, w if neuron == "plif" else None, cfg, v_fill)

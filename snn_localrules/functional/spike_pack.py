@@ -84,6 +84,9 @@ class SpikePacker:
     def __init__(self) -> None:
         # storage address -> (tensor, version, scale): the values are count / scale, count in [0, scale]
         self._spikes: Dict[int, Tuple[weakref.ref, int, int]] = {}
+        # storage address -> (version, the flat uint8 counts made of the tensor registered there): a spike
+        # tensor that two nodes save (the fused neuron and the next layer) is packed once
+        self._counts: Dict[int, Tuple[int, torch.Tensor]] = {}
         self._depth = 0
         self._pushed = False
         self.packed_bytes = 0
@@ -103,6 +106,9 @@ class SpikePacker:
             return  # a part of a larger buffer: the rest of it may hold anything
         address = storage.data_ptr()
         if address:
+            known = self._spikes.get(address)
+            if known is None or known[0]() is not owner or known[1] != spikes._version:
+                self._counts.pop(address, None)  # counts of an earlier tensor at this address
             self._spikes[address] = (weakref.ref(owner), spikes._version, int(scale))
 
     def derive(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
@@ -138,10 +144,17 @@ class SpikePacker:
         scale = self._scale_of(tensor)
         if scale is None:
             return tensor
+        # registered tensors span their whole storage; a contiguous view of it is the same values in order
+        address = tensor.untyped_storage().data_ptr()
+        shared = self._counts.get(address) if tensor.is_contiguous() else None
+        if shared is not None and shared[0] == tensor._version:
+            return _Packed(shared[1].view(tensor.shape), scale, tensor.dtype)
         values = tensor.detach()
         counts = (values if scale == 1 else values * scale).to(torch.uint8)
         self.packed_bytes += counts.numel() * counts.element_size()
-        self.saved_bytes += tensor.numel() * tensor.element_size()
+        self.saved_bytes += tensor.numel() * tensor.element_size()  # a shared copy would have shared it too
+        if tensor.is_contiguous():
+            self._counts[address] = (tensor._version, counts.view(-1))
         return _Packed(counts, scale, tensor.dtype)
 
     @staticmethod
@@ -174,6 +187,7 @@ class SpikePacker:
                 torch._C._autograd._pop_saved_tensors_default_hooks()
                 self._pushed = False
             self._spikes.clear()
+            self._counts.clear()
 
     def activate(self) -> "_Active":
         """``with packer.activate(): ...``"""

@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..adapter import NeuronAdapter
 from ..errors import LossError, NonFiniteLossError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss
+from ..functional.norm_recompute import NormSources, channel_dim, rebuild_input_from
 from ..functional.spike_pack import SpikePacker, pooled_window
 from ..memory import SavedBytes, memory_budget, storage_keys
 from ..plugins import plugin_manager
@@ -81,12 +82,14 @@ def _cut_state_pre_hook(neuron: NeuronAdapter) -> Callable:
     return hook
 
 
-def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Optional[SpikePacker] = None) -> Callable:
+def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Optional[SpikePacker] = None,
+                      norms: Optional[NormSources] = None) -> Callable:
     """A per-instance forward for multi-step-capable neurons: with autograd on and the module in
     multi-step mode, run the sequence with the state cut before each step: in one fused call with SLTT's
     elementwise backward when ``fused`` and the adapter has that form for the neuron as configured
     (``NeuronAdapter.fused_sltt_multi_step``), else one step at a time. Otherwise (single-step, or
-    no_grad) call the neuron's own forward unchanged, so inference keeps its fast path."""
+    no_grad) call the neuron's own forward unchanged, so inference keeps its fast path. With ``norms``, a
+    fused call whose input is a batch norm's output keeps that norm's input instead of its membrane."""
     base = neuron
 
     def forward(module: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -99,7 +102,9 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
                     "single-step mode (functional.set_step_mode(model, 's')) and loop over time instead."
                 )
             if fused:
-                out = neuron.fused_sltt_multi_step(x)
+                source = norms.source_of(x) if norms is not None else None
+                with rebuild_input_from(x, source, packer):
+                    out = neuron.fused_sltt_multi_step(x)
                 if out is not None:
                     if packer is not None:
                         packer.register(out)  # a Heaviside's output: exactly 0/1, stored as bool when saved
@@ -111,30 +116,36 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
 
 
 def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], fused: bool = False,
-                         packer: Optional[SpikePacker] = None) -> None:
+                         packer: Optional[SpikePacker] = None, norms: Optional[NormSources] = None) -> None:
     """Cut every neuron's carried state from the graph at every step (both step modes). ``fused``: run
     multi-step calls of neurons that have a fused SLTT form in one call (same gradients, less time), and
-    register their spikes with ``packer`` (which the caller activates around the model's forward)."""
+    register their spikes with ``packer``; with ``norms``, a fused call fed by a batch norm keeps no
+    membrane (both activated by the caller around the model's forward)."""
     for neuron in neurons:
         hooks.pre_hook(neuron.module, _cut_state_pre_hook(neuron), with_kwargs=True)
         if neuron.supports_multi_step:
-            hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer))
+            hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer, norms))
 
 
-def install_spike_packing(hooks: ModuleHooks, model: nn.Module, packer: SpikePacker) -> bool:
-    """Pack registered spikes while ``model``'s forward runs: a per-instance ``forward`` around the class's
-    own, whose ``finally`` leaves the packer whatever ends the call (an exception, a KeyboardInterrupt),
-    which forward hooks cannot promise. Returns False (nothing installed) when the model already has a
-    per-instance forward (e.g. the model is a single multi-step neuron: nothing downstream saves spikes)."""
+def install_forward_scope(hooks: ModuleHooks, model: nn.Module, scopes: Sequence[Any]) -> bool:
+    """Activate ``scopes`` (objects with ``enter``/``exit``: the spike packer, the batch-norm sources) while
+    ``model``'s forward runs: a per-instance ``forward`` around the class's own, whose ``finally`` exits
+    them whatever ends the call (an exception, a KeyboardInterrupt), which forward hooks cannot promise.
+    Returns False (nothing installed) when the model already has a per-instance forward (e.g. the model is a
+    single multi-step neuron: nothing downstream saves its spikes, nothing upstream normalises)."""
     if "forward" in vars(model):
         return False
 
     def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        packer.enter()
+        entered = []
         try:
+            for scope in scopes:
+                scope.enter()
+                entered.append(scope)
             return type(module).forward(module, *args, **kwargs)
         finally:
-            packer.exit()
+            for scope in reversed(entered):
+                scope.exit()
 
     hooks.replace_forward(model, forward)
     return True
@@ -179,6 +190,11 @@ class SLTT(Rule):
         the same gradients, and less memory
         (:mod:`snn_localrules.functional.spike_pack`). It stands aside while other saved-tensor hooks are
         active (``torch.utils.checkpoint``, ``save_on_cpu``) and under ``torch.compile``.
+    :param recompute_membrane: with ``fused``, a fused neuron whose input comes straight from a batch norm
+        (``BatchNorm1d/2d/3d``, torch's or SpikingJelly's; float32/float64) keeps no membrane for backward: it
+        charges again from the batch norm's input, which the batch norm keeps anyway, and its own spikes
+        (:mod:`snn_localrules.functional.norm_recompute`). The same gradients to rounding, one ``[T, N]``
+        fp32 tensor less per such neuron, an elementwise pass more in backward.
     :param autocast: mixed precision for online mode: ``None``/``False`` (off), ``True`` (the device's
         default autocast dtype: bfloat16 on CPU, float16 on CUDA) or a dtype. Each step's forward and loss
         run under ``torch.autocast``; backward runs outside it. Running :meth:`step` inside your own
@@ -224,6 +240,7 @@ class SLTT(Rule):
         chunk: Union[int, str] = 1,
         max_memory: Union[None, int, float] = None,
         pack_spikes: bool = True,
+        recompute_membrane: bool = True,
     ):
         super().__init__(model, neurons)
         self.optimizer = optimizer
@@ -255,8 +272,11 @@ class SLTT(Rule):
             raise WrapError(f"fused must be True or False, got {fused!r}.")
         if not isinstance(pack_spikes, bool):
             raise WrapError(f"pack_spikes must be True or False, got {pack_spikes!r}.")
+        if not isinstance(recompute_membrane, bool):
+            raise WrapError(f"recompute_membrane must be True or False, got {recompute_membrane!r}.")
         self.fused = fused
         self.pack_spikes = pack_spikes
+        self.recompute_membrane = recompute_membrane
         self.packer: Optional[SpikePacker] = None
         check_precision(autocast, scaler, self.online)
         check_chunk(chunk, max_memory, self.online)
@@ -281,13 +301,19 @@ class SLTT(Rule):
         # a model that is itself one neuron has nothing downstream that saves its spikes
         alone = any(n.module is self.model for n in self.neurons)
         packer = SpikePacker() if self.pack_spikes and self.fused and not alone else None
-        if packer is not None and not install_spike_packing(hooks, self.model, packer):
-            packer = None
+        norms = NormSources() if self.recompute_membrane and self.fused and not alone else None
+        scopes = [scope for scope in (packer, norms) if scope is not None]
+        if scopes and not install_forward_scope(hooks, self.model, scopes):
+            packer = norms = None
         if packer is not None:  # pooled spikes are countable too: max pools, power-of-two average pools
             for module in self.model.modules():
                 if pooled_window(module) is not None:
                     hooks.forward_hook(module, packer.derive)
-        install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer)
+        if norms is not None:
+            for module in self.model.modules():
+                if channel_dim(module) is not None:
+                    hooks.forward_hook(module, norms.record)
+        install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer, norms=norms)
         self.packer = packer
 
     # -- online driver ---------------------------------------------------------------------------
