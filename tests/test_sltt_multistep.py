@@ -319,6 +319,8 @@ def test_backend_and_argument_errors():
     sg = surrogate.Sigmoid()
     with pytest.raises(BackendError, match=r"CUDA tensor.*pip install snn-localrules\[cupy\]"):
         sltt_multi_step(x, 0.0, "lif", surrogate_function=sg, backend="cupy")
+    with pytest.raises(BackendError, match="derivative in the kernel.*PiecewiseLeakyReLU"):
+        sltt_multi_step(x, 0.0, "lif", surrogate_function=surrogate.PiecewiseLeakyReLU(), backend="cupy")
     with pytest.raises(ValueError, match="backend must be one of"):
         sltt_multi_step(x, 0.0, "lif", surrogate_function=sg, backend="triton")
     with pytest.raises(ValueError, match="neuron must be one of"):

@@ -29,12 +29,13 @@ the reset feeds nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..errors import BackendError
+from . import sltt_cuda
 from .norm_recompute import NormSource, pending_source
 
 SurrogateFunction = Callable[[torch.Tensor], torch.Tensor]
@@ -42,7 +43,7 @@ SurrogateFunction = Callable[[torch.Tensor], torch.Tensor]
 SurrogateDerivative = Callable[[torch.Tensor], torch.Tensor]
 
 NEURON_KINDS = ("if", "lif", "plif")
-BACKENDS = ("torch", "cupy")
+BACKENDS = ("auto", "torch", "cupy")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class _Neuron:
     store_v_seq: bool
     surrogate_function: SurrogateFunction
     surrogate_derivative: Optional[SurrogateDerivative] = None
+    backend: str = "torch"
+    #: ``backend="cupy"``: the surrogate as the kernels know it, (SpikingJelly class name, alpha)
+    kernel_surrogate: Optional[Tuple[str, float]] = None
 
     @property
     def reset_value(self) -> float:
@@ -101,18 +105,25 @@ class SLTTMultiStep(torch.autograd.Function):
         k = w.sigmoid() if cfg.kind == "plif" else None
         # a neuron fed by a batch norm keeps no H (see norm_recompute): then H is one step's buffer at a time
         pending = pending_source(x_seq)
-        spikes = torch.empty_like(x_seq)
-        charged = torch.empty_like(x_seq) if pending is None else None
-        v_seq = torch.empty_like(x_seq) if cfg.store_v_seq else None
-        v = v_init
-        for t in range(x_seq.shape[0]):
-            h = charged[t] if charged is not None else torch.empty_like(x_seq[t])
-            _charge(cfg, x_seq[t], v, k, out=h)
-            spike = cfg.surrogate_function(h - cfg.v_threshold)
-            spikes[t] = spike
-            v = _reset(cfg, h, spike)
-            if v_seq is not None:
-                v_seq[t] = v
+        if cfg.backend == "cupy":
+            spikes, v, charged, v_seq = sltt_cuda.forward(
+                cfg.kind, x_seq, v_init, k, tau=cfg.tau, decay_input=cfg.decay_input, v_threshold=cfg.v_threshold,
+                v_reset=cfg.v_reset, keep_h=pending is None, store_v_seq=cfg.store_v_seq)
+            spikes, charged = spikes.view(x_seq.shape), None if charged is None else charged.view(x_seq.shape)
+            v, v_seq = v.view(x_seq.shape[1:]), None if v_seq is None else v_seq.view(x_seq.shape)
+        else:
+            spikes = torch.empty_like(x_seq)
+            charged = torch.empty_like(x_seq) if pending is None else None
+            v_seq = torch.empty_like(x_seq) if cfg.store_v_seq else None
+            v = v_init
+            for t in range(x_seq.shape[0]):
+                h = charged[t] if charged is not None else torch.empty_like(x_seq[t])
+                _charge(cfg, x_seq[t], v, k, out=h)
+                spike = cfg.surrogate_function(h - cfg.v_threshold)
+                spikes[t] = spike
+                v = _reset(cfg, h, spike)
+                if v_seq is not None:
+                    v_seq[t] = v
         ctx.cfg = cfg
         ctx.v_fill = v_fill  # v_init is this number everywhere (the state's first call): kept as the number
         ctx.plif_grad = cfg.kind == "plif" and w is not None and ctx.needs_input_grad[2]
@@ -136,6 +147,8 @@ class SLTTMultiStep(torch.autograd.Function):
     @once_differentiable  # the elementwise backward works in place; no double backward
     def backward(ctx, grad_spikes, grad_v, grad_v_seq):
         cfg: _Neuron = ctx.cfg
+        if cfg.backend == "cupy":
+            return SLTTMultiStep._kernel_backward(ctx, grad_spikes, grad_v, grad_v_seq)
         disposable = False
         if ctx.norm is not None:
             eps, dim, shape = ctx.norm
@@ -158,6 +171,31 @@ class SLTTMultiStep(torch.autograd.Function):
         )
         if grad_x is not None and not ctx.needs_input_grad[0]:
             grad_x = None
+        return grad_x, None, grad_w, None, None
+
+    @staticmethod
+    def _kernel_backward(ctx, grad_spikes, grad_v, grad_v_seq):
+        cfg: _Neuron = ctx.cfg
+        if ctx.norm is not None:
+            eps, dim, shape = ctx.norm
+            *norm_saved, spikes, v_init, k = ctx.saved_tensors
+            x_seq, charged = NormSource.rebuild(tuple(norm_saved), eps, dim).view(shape), None
+        else:
+            charged, v_init, x_seq, k = ctx.saved_tensors
+            spikes = None
+        if grad_spikes is None and grad_v is None and grad_v_seq is None:
+            return None, None, None, None, None
+        like = charged if charged is not None else x_seq
+        if v_init is None and (charged is None or ctx.plif_grad):
+            v_init = torch.full_like(like[0], ctx.v_fill)
+        surrogate, alpha = cfg.kernel_surrogate
+        grad_x, grad_k = sltt_cuda.backward(
+            cfg.kind, h_seq=charged, x_seq=x_seq, v_init=v_init, spikes=spikes, k=k, grad_spikes=grad_spikes,
+            grad_v_seq=grad_v_seq, grad_v=grad_v, need_grad_k=ctx.plif_grad, tau=cfg.tau,
+            decay_input=cfg.decay_input, v_threshold=cfg.v_threshold, v_reset=cfg.v_reset,
+            detach_reset=cfg.detach_reset, surrogate=surrogate, alpha=alpha)
+        grad_w = (grad_k * k * (1.0 - k)).to(k.dtype) if grad_k is not None else None
+        grad_x = grad_x.view(like.shape) if ctx.needs_input_grad[0] else None
         return grad_x, None, grad_w, None, None
 
 
@@ -257,6 +295,16 @@ def sltt_multi_step_backward(
     return grad_h, grad_w
 
 
+def _kernel_surrogate(function: Any) -> Optional[Tuple[str, float]]:
+    """``(class name, alpha)`` of a SpikingJelly surrogate in spiking mode that the CUDA kernels know."""
+    name, alpha = type(function).__name__, getattr(function, "alpha", None)
+    if name not in sltt_cuda.SURROGATE_IDS or not type(function).__module__.startswith("spikingjelly."):
+        return None
+    if not getattr(function, "spiking", True) or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return None
+    return name, float(alpha)
+
+
 def sltt_multi_step(
     x_seq: torch.Tensor,
     v: Union[torch.Tensor, float],
@@ -271,7 +319,7 @@ def sltt_multi_step(
     detach_reset: bool = False,
     store_v_seq: bool = False,
     surrogate_derivative: Optional[SurrogateDerivative] = None,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Run a multi-step IF / LIF / ParametricLIF neuron over all T steps with SLTT's gradient.
 
@@ -300,7 +348,11 @@ def sltt_multi_step(
         computed in place in the buffer it is given; backward then needs one ``[T, N, ...]`` temporary
         instead of the several that an autograd call of the surrogate allocates. It must equal the
         surrogate's own backward (the SpikingJelly adapter passes tested formulas for its surrogates).
-    :param backend: ``"torch"``; ``"cupy"`` is reserved for CUDA kernels (not yet in this release).
+    :param backend: ``"auto"`` (default): ``"cupy"`` for a CUDA tensor when CuPy is installed and the
+        kernels know the surrogate, else ``"torch"``. ``"torch"`` (CPU and CUDA), or ``"cupy"``: the CUDA kernels of
+        :mod:`snn_localrules.functional.sltt_cuda` (one thread per neuron, all T inside; compiled by CuPy on
+        first use), for CUDA tensors and the SpikingJelly surrogates they know. Their arithmetic is tested
+        against this torch path on the CPU (built as C++); on a GPU by ``tests/test_sltt_cuda.py``.
     :return: ``(spike_seq [T, N, ...], v_final [N, ...], v_seq [T, N, ...] or None)``.
 
     Example::
@@ -312,12 +364,25 @@ def sltt_multi_step(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    kernel_surrogate = None
+    if backend == "auto":
+        known = _kernel_surrogate(surrogate_function) is not None
+        backend = "cupy" if known and sltt_cuda.runs_on(x_seq) and x_seq.dtype in sltt_cuda.DTYPES else "torch"
     if backend == "cupy":
-        raise BackendError(
-            "backend='cupy' runs CuPy CUDA kernels, which need a CUDA tensor "
-            f"(got one on {x_seq.device}) and `pip install snn-localrules[cupy]`; this release ships the "
-            "torch backend only. Use backend='torch' (it runs on CPU and CUDA)."
-        )
+        kernel_surrogate = _kernel_surrogate(surrogate_function)
+        if kernel_surrogate is None:
+            raise BackendError(
+                f"backend='cupy' computes the surrogate's derivative in the kernel; it knows SpikingJelly's "
+                f"{', '.join(sltt_cuda.SURROGATE_IDS)} (spiking mode, a number alpha), not "
+                f"{type(surrogate_function).__name__}. Use backend='torch' for this surrogate."
+            )
+        if not sltt_cuda.runs_on(x_seq):
+            raise BackendError(
+                "backend='cupy' runs CUDA kernels through CuPy, which need a CUDA tensor (got one on "
+                f"{getattr(x_seq, 'device', '?')}) and CuPy (`pip install snn-localrules[cupy]`, or the cupy-cudaXXx "
+                "wheel of your CUDA). "
+                "Use backend='torch' (it runs on CPU and CUDA)."
+            )
     if neuron not in NEURON_KINDS:
         raise ValueError(f"neuron must be one of {NEURON_KINDS}, got {neuron!r}.")
     if not isinstance(x_seq, torch.Tensor) or x_seq.ndim < 1 or not x_seq.is_floating_point():
@@ -344,6 +409,6 @@ def sltt_multi_step(
         kind=neuron, tau=float(tau), decay_input=bool(decay_input), v_threshold=float(v_threshold),
         v_reset=None if v_reset is None else float(v_reset), detach_reset=bool(detach_reset),
         store_v_seq=bool(store_v_seq), surrogate_function=surrogate_function,
-        surrogate_derivative=surrogate_derivative,
+        surrogate_derivative=surrogate_derivative, backend=backend, kernel_surrogate=kernel_surrogate,
     )
     return SLTTMultiStep.apply(x_seq, v_init, w if neuron == "plif" else None, cfg, v_fill)
