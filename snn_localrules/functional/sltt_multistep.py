@@ -327,7 +327,9 @@ def sltt_multi_step(
     membrane carried into each step is a constant, so ``dL/dX[t]`` depends on step t alone and is computed
     for all steps at once; PLIF's ``w`` gets the sum over t of its per-step gradients. Only ``H``
     (``[T, N, ...]``, the input's dtype) is kept for backward, plus ``x_seq`` for PLIF with
-    ``decay_input`` when ``w`` needs a gradient.
+    ``decay_input`` when ``w`` needs a gradient; nothing of its own inside
+    :func:`~snn_localrules.functional.norm_recompute.rebuild_input_from` when ``x_seq`` is that batch norm's
+    output (the SLTT rule does this for batch-norm-fed neurons): then backward charges again.
 
     :param x_seq: input current ``[T, N, ...]`` (float16/bfloat16/float32/float64).
     :param v: membrane entering step 0, ``[N, ...]`` or a float (filled); cast to ``x_seq``'s dtype. Its
