@@ -211,9 +211,9 @@ class SpikingJellyNeuron(NeuronAdapter):
         module = self.module
         materialize = getattr(module, "materialize_states", None)
         if callable(materialize):
-            (v,) = materialize((x_seq,), tuple(module._memories.values()), "m")
-            if isinstance(module._memories["v"], float):
-                v = module._memories["v"]  # a fill: the fused node then keeps the number, not a tensor of it
+            v = module._memories["v"]  # a float is a fill: the fused node then keeps the number, not a tensor
+            if not isinstance(v, float):
+                (v,) = materialize((x_seq,), tuple(module._memories.values()), "m")
             derivative = surrogate_derivative(module.surrogate_function)
         else:
             # before 2.0 v stays a float until the first step fills a tensor with it (v_float_to_tensor);

@@ -323,16 +323,21 @@ def test_cupy_twin_zero_change_equals_torch_twin(kind):
     assert twin[1].backend == "cupy"  # the user's setting is left alone
 
 
-def test_cupy_twin_online_equals_torch_twin():
-    model = _mlp(MULTI_STEP["LIF_detach_reset"])
-    twin = _cupy_twin(model)
+def _assert_same_online_training(model, twin, batches):
+    """Online SLTT on both models, the same batches: equal losses and parameters, bit for bit."""
     losses = []
     for m in (model, twin):
         learner = slr.wrap(m, rule="sltt", optimizer=torch.optim.SGD(m.parameters(), lr=0.5))
-        losses.append([learner.step(*_data(seed)).loss for seed in range(3)])
+        losses.append([learner.step(*_data(seed)).loss for seed in range(batches)])
         learner.unwrap()
     assert losses[0] == losses[1]
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_cupy_twin_online_equals_torch_twin():
+    model = _mlp(MULTI_STEP["LIF_detach_reset"])
+    twin = _cupy_twin(model)
+    _assert_same_online_training(model, twin, batches=3)
 
 
 def test_cupy_twin_own_forward_runs_in_torch_without_grad():
@@ -393,13 +398,7 @@ def test_activation_based_cupy_twin_under_the_wrapper():
         learner.unwrap()
     assert torch.equal(*outs)
     assert all(torch.equal(a, b) for a, b in zip(*grads)) and any(g.abs().sum() > 0 for g in grads[0])
-    losses = []
-    for m in (model, twin):
-        learner = slr.wrap(m, rule="sltt", optimizer=torch.optim.SGD(m.parameters(), lr=0.5))
-        losses.append([learner.step(*_data(seed)).loss for seed in range(2)])
-        learner.unwrap()
-    assert losses[0] == losses[1]
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    _assert_same_online_training(model, twin, batches=2)
 
 
 # ---- unwrap, reset_net, other memory modules --------------------------------------------------------

@@ -22,12 +22,12 @@ sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
 from snn_localrules.adapters.spikingjelly import surrogate_derivative  # noqa: E402
 from snn_localrules.functional import sltt_cuda  # noqa: E402
 from snn_localrules.functional.sltt_multistep import sltt_multi_step  # noqa: E402
-from test_sltt_multistep import CONFIGS, _assert_rel_close, _config_id, _spike_rate_ok, plif_w  # noqa: E402
+from test_sltt_multistep import (  # noqa: E402
+    CONFIGS, TAU, THRESHOLD, _assert_rel_close, _config_id, _spike_rate_ok, make_input, plif_w,
+)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-T, B, N = 7, 3, 11
-TAU, THRESHOLD = 2.0, 1.0
 SURROGATES = {  # SpikingJelly surrogate class -> alpha
     "Sigmoid": 4.0, "ATan": 2.0, "PiecewiseQuadratic": 1.0, "PiecewiseExp": 2.0, "Erf": 2.0, "SoftSign": 2.0,
     "SuperSpike": 3.0,
@@ -94,10 +94,8 @@ def cpu_backward(lib, kind, h, x, v0, spikes, k, gs, gvs, gv, need_k, decay, v_r
 
 
 def _inputs(dtype):
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(T, B, N, generator=g, dtype=torch.float64) * 1.2 + 0.7).to(dtype)
-    v0 = (torch.randn(B, N, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    return x, v0
+    """The input and initial membrane of test_sltt_multistep's backward test."""
+    return make_input(dtype), make_input(dtype, seed=1)[0] * 0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -198,12 +196,11 @@ def test_kernel_path_through_autograd_equals_torch(kernels_on_cpu, cfg, use_v_ou
         _assert_rel_close(gw_c, gw_t, "w gradient")
 
 
-def test_kernel_path_with_a_batch_norm_fed_neuron_equals_torch(kernels_on_cpu):
+def test_kernel_path_with_a_batch_norm_fed_neuron_equals_torch(kernels_on_cpu, monkeypatch):
     """Zero-change SLTT on a conv-BN-neuron model: the kernel path (backend picked by "auto") charges again
     from the rebuilt batch-norm output and gives the torch path's gradients."""
     import copy
 
-    from spikingjelly.activation_based import functional
     from test_norm_recompute import _data, _train_grads, vgg_like
 
     model = vgg_like().double()
@@ -211,15 +208,8 @@ def test_kernel_path_with_a_batch_norm_fed_neuron_equals_torch(kernels_on_cpu):
     x, y = _data()
     on, rebuilt = _train_grads(model, x.double(), y)
     assert sum(rebuilt) == 2
-    functional.reset_net(twin)
-    import snn_localrules.functional.sltt_multistep as multistep
-
-    original = multistep.sltt_cuda.runs_on
-    multistep.sltt_cuda.runs_on = lambda x: False  # the torch path for the reference
-    try:
-        ref, _ = _train_grads(twin, x.double(), y)
-    finally:
-        multistep.sltt_cuda.runs_on = original
+    monkeypatch.setattr(sltt_cuda, "runs_on", lambda x: False)  # the torch path for the reference
+    ref, _ = _train_grads(twin, x.double(), y)
     for name in ref:
         torch.testing.assert_close(on[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
 

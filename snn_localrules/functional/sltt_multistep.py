@@ -109,8 +109,6 @@ class SLTTMultiStep(torch.autograd.Function):
             spikes, v, charged, v_seq = sltt_cuda.forward(
                 cfg.kind, x_seq, v_init, k, tau=cfg.tau, decay_input=cfg.decay_input, v_threshold=cfg.v_threshold,
                 v_reset=cfg.v_reset, keep_h=pending is None, store_v_seq=cfg.store_v_seq)
-            spikes, charged = spikes.view(x_seq.shape), None if charged is None else charged.view(x_seq.shape)
-            v, v_seq = v.view(x_seq.shape[1:]), None if v_seq is None else v_seq.view(x_seq.shape)
         else:
             spikes = torch.empty_like(x_seq)
             charged = torch.empty_like(x_seq) if pending is None else None
@@ -149,22 +147,13 @@ class SLTTMultiStep(torch.autograd.Function):
         cfg: _Neuron = ctx.cfg
         if cfg.backend == "cupy":
             return SLTTMultiStep._kernel_backward(ctx, grad_spikes, grad_v, grad_v_seq)
+        charged, x_seq, v_init, spikes, k = SLTTMultiStep._restore(ctx)
         disposable = False
-        if ctx.norm is not None:
-            eps, dim, shape = ctx.norm
-            *norm_saved, spikes, v_init, k = ctx.saved_tensors
-            x_seq = NormSource.rebuild(tuple(norm_saved), eps, dim).view(shape)
-            if v_init is None:
-                v_init = torch.full_like(x_seq[0], ctx.v_fill)
+        if charged is None:
             if ctx.plif_grad and cfg.decay_input:
                 charged = _charge_again(cfg, x_seq, v_init, k, spikes, torch.empty_like(x_seq))
             else:  # H overwrites the rebuilt input, which nothing else needs: one [T, N, ...] buffer
                 charged, x_seq, disposable = _charge_again(cfg, x_seq, v_init, k, spikes, x_seq), None, True
-        else:
-            charged, v_init, x_seq, k = ctx.saved_tensors
-            spikes = None  # the backward takes them again from H, bit for bit
-            if v_init is None and ctx.plif_grad:
-                v_init = torch.full_like(charged[0], ctx.v_fill)
         grad_x, grad_w = sltt_multi_step_backward(
             cfg, charged, grad_spikes, grad_v, grad_v_seq, k=k, v_init=v_init, x_seq=x_seq,
             need_grad_w=ctx.plif_grad, spikes=spikes, charged_disposable=disposable,
@@ -174,20 +163,27 @@ class SLTTMultiStep(torch.autograd.Function):
         return grad_x, None, grad_w, None, None
 
     @staticmethod
-    def _kernel_backward(ctx, grad_spikes, grad_v, grad_v_seq):
-        cfg: _Neuron = ctx.cfg
+    def _restore(ctx):
+        """``(H or None, X or None, v_init, spikes or None, k)`` from what forward saved: H was kept, or
+        (a batch-norm-fed neuron) X is rebuilt and H must be charged again with the forward's spikes.
+        ``v_init`` is filled from its number where backward needs it (charging again, PLIF's w)."""
         if ctx.norm is not None:
             eps, dim, shape = ctx.norm
             *norm_saved, spikes, v_init, k = ctx.saved_tensors
-            x_seq, charged = NormSource.rebuild(tuple(norm_saved), eps, dim).view(shape), None
+            charged, x_seq = None, NormSource.rebuild(tuple(norm_saved), eps, dim).view(shape)
         else:
             charged, v_init, x_seq, k = ctx.saved_tensors
-            spikes = None
+            spikes = None  # the backward takes them again from H, bit for bit
+        if v_init is None and (charged is None or ctx.plif_grad):
+            v_init = torch.full_like((charged if charged is not None else x_seq)[0], ctx.v_fill)
+        return charged, x_seq, v_init, spikes, k
+
+    @staticmethod
+    def _kernel_backward(ctx, grad_spikes, grad_v, grad_v_seq):
+        cfg: _Neuron = ctx.cfg
         if grad_spikes is None and grad_v is None and grad_v_seq is None:
             return None, None, None, None, None
-        like = charged if charged is not None else x_seq
-        if v_init is None and (charged is None or ctx.plif_grad):
-            v_init = torch.full_like(like[0], ctx.v_fill)
+        charged, x_seq, v_init, spikes, k = SLTTMultiStep._restore(ctx)
         surrogate, alpha = cfg.kernel_surrogate
         grad_x, grad_k = sltt_cuda.backward(
             cfg.kind, h_seq=charged, x_seq=x_seq, v_init=v_init, spikes=spikes, k=k, grad_spikes=grad_spikes,
@@ -195,8 +191,7 @@ class SLTTMultiStep(torch.autograd.Function):
             decay_input=cfg.decay_input, v_threshold=cfg.v_threshold, v_reset=cfg.v_reset,
             detach_reset=cfg.detach_reset, surrogate=surrogate, alpha=alpha)
         grad_w = (grad_k * k * (1.0 - k)).to(k.dtype) if grad_k is not None else None
-        grad_x = grad_x.view(like.shape) if ctx.needs_input_grad[0] else None
-        return grad_x, None, grad_w, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), None, grad_w, None, None
 
 
 def _charge_again(cfg: _Neuron, x_seq: torch.Tensor, v_init: torch.Tensor, k: Optional[torch.Tensor],
@@ -366,12 +361,11 @@ def sltt_multi_step(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    kernel_surrogate = None
+    kernel_surrogate = _kernel_surrogate(surrogate_function) if backend != "torch" else None
     if backend == "auto":
-        known = _kernel_surrogate(surrogate_function) is not None
-        backend = "cupy" if known and sltt_cuda.runs_on(x_seq) and x_seq.dtype in sltt_cuda.DTYPES else "torch"
+        on_gpu = kernel_surrogate is not None and sltt_cuda.runs_on(x_seq) and x_seq.dtype in sltt_cuda.DTYPES
+        backend = "cupy" if on_gpu else "torch"
     if backend == "cupy":
-        kernel_surrogate = _kernel_surrogate(surrogate_function)
         if kernel_surrogate is None:
             raise BackendError(
                 f"backend='cupy' computes the surrogate's derivative in the kernel; it knows SpikingJelly's "
@@ -411,6 +405,7 @@ def sltt_multi_step(
         kind=neuron, tau=float(tau), decay_input=bool(decay_input), v_threshold=float(v_threshold),
         v_reset=None if v_reset is None else float(v_reset), detach_reset=bool(detach_reset),
         store_v_seq=bool(store_v_seq), surrogate_function=surrogate_function,
-        surrogate_derivative=surrogate_derivative, backend=backend, kernel_surrogate=kernel_surrogate,
+        surrogate_derivative=surrogate_derivative, backend=backend,
+        kernel_surrogate=kernel_surrogate if backend == "cupy" else None,
     )
     return SLTTMultiStep.apply(x_seq, v_init, w if neuron == "plif" else None, cfg, v_fill)

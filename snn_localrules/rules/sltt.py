@@ -305,14 +305,11 @@ class SLTT(Rule):
         scopes = [scope for scope in (packer, norms) if scope is not None]
         if scopes and not install_forward_scope(hooks, self.model, scopes):
             packer = norms = None
-        if packer is not None:  # pooled spikes are countable too: max pools, power-of-two average pools
-            for module in self.model.modules():
-                if pooled_window(module) is not None:
-                    hooks.forward_hook(module, packer.derive)
-        if norms is not None:
-            for module in self.model.modules():
-                if channel_dim(module) is not None:
-                    hooks.forward_hook(module, norms.record)
+        for module in self.model.modules():
+            if packer is not None and pooled_window(module) is not None:
+                hooks.forward_hook(module, packer.derive)  # pooled spikes are countable too
+            if norms is not None and channel_dim(module) is not None:
+                hooks.forward_hook(module, norms.record)
         install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer, norms=norms)
         self.packer = packer
 
