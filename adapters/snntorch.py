@@ -114,3 +114,8 @@ def slr_neuron_types() -> List[NeuronInfo]:
 @hookimpl
 def slr_reset_model(model: nn.Module, neurons) -> None:
     return None  # snnTorch keeps no state outside its neurons
+
+
+@hookimpl
+def slr_carried_state(model: nn.Module, neurons) -> List[NeuronAdapter]:
+    return []  # snnTorch keeps no state outside its neurons

@@ -431,15 +431,26 @@ def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
     return None
 
 
-@hookimpl
-def slr_reset_model(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
+def _other_memory_modules(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> List[nn.Module]:
+    """The ``MemoryModule``s of ``model`` that are not wrapped neurons (``layer.Dropout``, ...)."""
     bases = tuple(b.MemoryModule for b in (_base_module(), _legacy_base_module()) if b is not None)
     if not bases:
-        return
+        return []
     done = {id(n.module) for n in neurons}
-    for module in model.modules():
-        if isinstance(module, bases) and id(module) not in done:
-            module.reset()  # e.g. layer.Dropout's mask, recurrent containers' last output
+    return [m for m in model.modules() if isinstance(m, bases) and id(m) not in done]
+
+
+@hookimpl
+def slr_reset_model(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
+    for module in _other_memory_modules(model, neurons):
+        module.reset()  # e.g. layer.Dropout's mask, recurrent containers' last output
+
+
+@hookimpl
+def slr_carried_state(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> List[NeuronAdapter]:
+    # their memories live in the same _memories dict as a neuron's: the neuron adapter reads and writes it
+    return [SpikingJellyNeuron(m) for m in _other_memory_modules(model, neurons)
+            if isinstance(getattr(m, "_memories", None), dict) and m._memories]
 
 
 def _neuron_classes(neuron_module: Any, base: Any) -> List[tuple]:

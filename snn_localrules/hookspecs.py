@@ -52,6 +52,21 @@ def slr_reset_model(model: nn.Module, neurons: Sequence["NeuronAdapter"]) -> Non
 
 
 @hookspec
+def slr_carried_state(model: nn.Module, neurons: Sequence["NeuronAdapter"]) -> Sequence[object]:
+    """The state ``model`` carries from one time step to the next outside its neurons.
+
+    Asked once when an online learner with ``cuda_graphs=True`` is built: a graph replay runs no Python,
+    so such state is copied into the graph's buffers before each replay, like the neurons' state.
+
+    :param model: the wrapped model.
+    :param neurons: the adapters found at wrap time (their state is already covered).
+    :return: objects with ``get_state() -> {name: tensor or number or None}`` and ``set_state(mapping)``
+        (a :class:`snn_localrules.NeuronAdapter` for the module does), one per module that keeps such
+        state (SpikingJelly's ``layer.Dropout`` mask); empty when the framework keeps none.
+    """
+
+
+@hookspec
 def slr_neuron_types() -> Sequence["NeuronInfo"]:
     """List the neuron classes this plugin supports, for :func:`snn_localrules.neurons`.
 

@@ -184,11 +184,13 @@ def check_chunk(chunk: Any, max_memory: Any, online: bool) -> None:
         raise WrapError("max_memory= is the budget of chunk='auto'; pass chunk='auto' too, or drop max_memory.")
 
 
-def autocast_context(autocast: Union[None, bool, torch.dtype], device_type: str):
-    """``torch.autocast`` for the learner's ``autocast=`` option (a no-op context when it is off)."""
+def autocast_context(autocast: Union[None, bool, torch.dtype], device_type: str, cache: bool = True):
+    """``torch.autocast`` for the learner's ``autocast=`` option (a no-op context when it is off);
+    ``cache=False`` for CUDA graphs, which must not keep a weight cast made at capture."""
     if not autocast:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=None if autocast is True else autocast)
+    return torch.autocast(device_type=device_type, dtype=None if autocast is True else autocast,
+                          cache_enabled=cache)
 
 
 def check_sequence_batch(x_seq: Any, y: Optional[torch.Tensor] = None, T: Optional[int] = None) -> int:

@@ -8,12 +8,14 @@ with T. SLTT-K backpropagates only K randomly drawn steps of each batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from .. import graphs
 from ..adapter import NeuronAdapter
 from ..errors import LossError, NonFiniteLossError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss
@@ -65,8 +67,9 @@ def _accumulate(counts: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tens
     """Running sum of the outputs over time, in at least float32 (under autocast the outputs may be
     bfloat16, whose 8-bit mantissa cannot count past 256)."""
     out = out.detach()
-    out = out.to(torch.promote_types(out.dtype, torch.float32))
-    return out if counts is None else counts + out
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    # a copy: a replayed CUDA graph writes its next outputs into the same tensor
+    return out.to(dtype, copy=True) if counts is None else counts + out.to(dtype)
 
 
 def _cut_state_pre_hook(neuron: NeuronAdapter) -> Callable:
@@ -210,6 +213,14 @@ class SLTT(Rule):
     :param max_memory: the budget of ``chunk="auto"``: bytes, or a fraction (0, 1] of the device's memory
         (the GPU's total memory on CUDA, the machine's physical memory on CPU) for the activations
         autograd saves for one chunk.
+    :param cuda_graphs: online mode on CUDA: capture each backpropagated step (or chunk) -- forward, loss,
+        backward into ``.grad`` -- as a CUDA graph and replay it, one launch instead of hundreds (where
+        small batches spend their time). The same gradients; the first steps run eagerly (warm-up), the
+        capture happens once per input shape, and ``.grad`` tensors are zeroed in place between batches,
+        never set to ``None``. Replays run no Python: hooks or prints in the model's forward see only the
+        eager steps. A model that cannot be captured (``.item()`` or a Python ``if`` on a tensor in its
+        forward or loss, distributed wrappers, CPU tensors) trains eagerly, with one warning saying why
+        (:mod:`snn_localrules.graphs`).
     :param scaler: a ``torch.amp.GradScaler`` for float16: each step's loss is scaled before its backward,
         and once per batch the scaler unscales, checks for inf/NaN, steps the optimizer (or skips the whole
         batch, ``stats.skipped``) and updates its scale.
@@ -241,6 +252,7 @@ class SLTT(Rule):
         max_memory: Union[None, int, float] = None,
         pack_spikes: bool = True,
         recompute_membrane: bool = True,
+        cuda_graphs: bool = False,
     ):
         super().__init__(model, neurons)
         self.optimizer = optimizer
@@ -274,6 +286,19 @@ class SLTT(Rule):
             raise WrapError(f"pack_spikes must be True or False, got {pack_spikes!r}.")
         if not isinstance(recompute_membrane, bool):
             raise WrapError(f"recompute_membrane must be True or False, got {recompute_membrane!r}.")
+        if not isinstance(cuda_graphs, bool):
+            raise WrapError(f"cuda_graphs must be True or False, got {cuda_graphs!r}.")
+        if cuda_graphs and not self.online:
+            raise WrapError(
+                "cuda_graphs captures the steps of online training, which needs an optimizer: "
+                "slr.wrap(model, rule='sltt', optimizer=opt, cuda_graphs=True). In zero-change mode your own "
+                "loop runs the steps; capture it with torch.cuda.graphs yourself."
+            )
+        self.graphs: Optional[graphs.StepGraphs] = None
+        if cuda_graphs:
+            carried = [h for found in plugin_manager().hook.slr_carried_state(model=model, neurons=self.neurons)
+                       for h in (found or ())]
+            self.graphs = graphs.StepGraphs([*self.neurons, *carried])
         self.fused = fused
         self.pack_spikes = pack_spikes
         self.recompute_membrane = recompute_membrane
@@ -351,8 +376,12 @@ class SLTT(Rule):
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         no_sync = getattr(self.model, "no_sync", None)  # DDP/FSDP: all-reduce once per batch, not per step
         last_backprop = selected[-1] if selected else None
+        model_params = list(self.model.parameters())
+        self._graphs_for(x_seq)
         self.reset_state()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.graphs is not None:
+            self.graphs.start_batch(model_params)  # captured steps accumulate into fixed .grad tensors
         total: Optional[torch.Tensor] = None  # summed on the loss's device: no host sync per step
         counts: Optional[torch.Tensor] = None
         finite: List[torch.Tensor] = []
@@ -366,16 +395,20 @@ class SLTT(Rule):
                         measure = self.chunk_size is None  # chunk="auto": this first step is measured
                         b = min(a + (1 if measure else self.chunk_size), stop)
                         deferred = callable(no_sync) and b - 1 != last_backprop
+                        saved = self._saved_bytes(measure, x_seq)
+                        body = functools.partial(self._backprop, T=T, first=a, sequence_model=sequence_model,
+                                                 saved=saved)
                         with no_sync() if deferred else contextlib.nullcontext():
-                            with self._autocast_context(x_seq), self._saved_bytes(measure, x_seq) as saved:
-                                outs = run_in_time(self.model, x_seq[a:b], sequence_model, self.output)
-                                loss_c = sum(self._step_loss(out, y, t) for t, out in zip(range(a, b), outs)) / T
-                            finite.append(torch.isfinite(loss_c))  # checked once per batch: no sync per step
-                            starts.append(a)
-                            (self.scaler.scale(loss_c) if self.scaler is not None else loss_c).backward()
+                            if self.graphs is not None and not measure:
+                                key = (T, self.model.training, sequence_model, self.autocast)
+                                outs, loss_c = self.graphs.run(body, x_seq[a:b], y, key, model_params)
+                            else:
+                                outs, loss_c = body(x_seq[a:b], y)
+                        finite.append(torch.isfinite(loss_c))  # checked once per batch: no sync per step
+                        starts.append(a)
                         if measure:
                             self.chunk_size = self._auto_chunk(saved.total, x_seq)
-                        total = loss_c.detach() if total is None else total + loss_c.detach()
+                        total = loss_c.detach().clone() if total is None else total + loss_c.detach()
                         for out in outs:
                             counts = _accumulate(counts, out)
                         del outs, loss_c
@@ -410,13 +443,39 @@ class SLTT(Rule):
         return StepStats(loss=float(total) if total is not None else 0.0, steps=selected, output_counts=counts,
                          T=T, skipped=skipped)
 
+    def _backprop(self, x: torch.Tensor, y: torch.Tensor, T: int, first: int, sequence_model: bool,
+                  saved: Any) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Forward, loss and backward of the steps ``first, first + 1, ...`` of ``x`` ``[c, B, ...]``: what
+        a CUDA graph captures. Returns the per-step outputs and the chunk's loss (summed, over T)."""
+        with self._autocast_context(x), saved:
+            outs = run_in_time(self.model, x, sequence_model, self.output)
+            loss = sum(self._step_loss(out, y, t) for t, out in enumerate(outs, first)) / T
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return outs, loss
+
+    def _graphs_for(self, x_seq: torch.Tensor) -> None:
+        """Turn the CUDA graphs off, saying why once, for batches they cannot serve."""
+        if self.graphs is None or self.graphs.off is not None:
+            return
+        if not graphs.runs_on(x_seq.device):
+            self.graphs.turn_off(f"the batch is on {x_seq.device.type}; CUDA graphs capture CUDA tensors only")
+        elif callable(getattr(self.model, "no_sync", None)):
+            self.graphs.turn_off("the model is distributed (it has no_sync(): DDP, FSDP); their gradient "
+                                 "all-reduce is not captured")
+
+    def _remove(self) -> None:
+        super()._remove()
+        if self.graphs is not None:
+            self.graphs.clear()
+
     def _nograd_chunk(self, x_seq: torch.Tensor, run: int) -> int:
         if self.nograd_chunk is not None:
             return self.nograd_chunk
         return run if x_seq.device.type == "cuda" else 4
 
     def _autocast_context(self, x_seq: torch.Tensor):
-        return autocast_context(self.autocast, x_seq.device.type)
+        # a captured step must cast the weights at every replay, not reuse a cast cached at capture
+        return autocast_context(self.autocast, x_seq.device.type, cache=self.graphs is None)
 
     def _saved_bytes(self, measure: bool, x_seq: torch.Tensor):
         if not measure:
