@@ -38,6 +38,7 @@ On a GPU machine (with a CUDA build of torch)::
     python benchmarks/gpu.py --resume              # after a time limit: runs only the missing cells
     python benchmarks/gpu.py --plot-only           # redraw benchmarks/results/gpu.png from the JSON
     SJ_LIF_CUDA_IMPLEMENTATION=triton python benchmarks/gpu.py --methods sj_bptt --out /tmp/triton.json
+    python benchmarks/gpu.py --cuda-graphs --out benchmarks/results/gpu_graphs.json  # online steps as graphs
 
 A GPU machine without network access: here, ``python3 -m pip download --no-deps -d .whl spikingjelly==2.0.0
 loguru`` (both are pure-Python wheels), carry ``.whl`` there, and run ``python3 -m pip install -q --no-index
@@ -348,6 +349,8 @@ def method_settings(method: str, args) -> Dict[str, Any]:
         wrap.update(chunk="auto", max_memory=parse_budget(args.auto_max_memory))
     elif method == "sltt_k2":
         wrap.update(K=2, seed=args.seed)
+    if args.cuda_graphs:
+        wrap["cuda_graphs"] = True
     return {"optimizer": common["optimizer"], "wrap": wrap, "mode": "online (learner.step)"}
 
 
@@ -500,6 +503,8 @@ def run_worker(args) -> Dict[str, Any]:
                       s_per_batch=statistics.median(times), losses=losses, warmup=args.warmup, timed=args.timed)
         if getattr(learner, "chunk", None) == "auto":
             result["auto_chunk"] = learner.chunk_size
+        if getattr(learner, "graphs", None) is not None:
+            result["cuda_graphs"] = {"captured": learner.graphs.captured, "off": learner.graphs.off}
         if args.profile:
             result["profile"] = profile_batches(train_batch, sync, cuda)
     except Exception as exc:
@@ -550,6 +555,8 @@ def run_cell(method: str, T: int, B: int, args) -> Dict[str, Any]:
                "--auto-max-memory", str(args.auto_max_memory)]
     if args.profile:
         command.append("--profile")
+    if args.cuda_graphs:
+        command.append("--cuda-graphs")
     if args.pin_implementation:
         command += ["--pin-implementation", args.pin_implementation]
     result = launch_worker(command, method, T, mmap=args.device == "cpu", idle_wait=args.idle_wait,
@@ -725,7 +732,7 @@ def plot_from_json(payload: Dict, path: str) -> str:
 def fingerprint(config: Dict) -> Dict:
     """The settings a --resume'd cell must share with the current run."""
     keys = ("device", "width", "size", "pool", "tau", "seed", "warmup", "timed", "auto_max_memory", "profile",
-            "pin_implementation")
+            "pin_implementation", "cuda_graphs")
     return {k: config.get(k) for k in keys}
 
 
@@ -744,7 +751,7 @@ def parent_main(args) -> int:
     config = {"Ts": Ts, "batches": batches, "methods": methods, "device": args.device, "width": args.width,
               "size": args.size, "pool": args.pool, "tau": args.tau, "seed": args.seed, "warmup": args.warmup,
               "timed": args.timed, "threads": args.threads, "auto_max_memory": args.auto_max_memory,
-              "profile": args.profile, "pin_implementation": args.pin_implementation, "quick": args.quick,
+              "profile": args.profile, "cuda_graphs": args.cuda_graphs, "pin_implementation": args.pin_implementation, "quick": args.quick,
               "channels": scaled_channels(args.width), "pool_after_conv": list(POOL_AFTER),
               "input": [IN_CHANNELS, args.size, args.size], "classes": CLASSES, "spike_prob": SPIKE_PROB,
               "neuron": {"type": "spikingjelly LIFNode", "tau": args.tau, "surrogate": "Sigmoid", **NEURON_SETTINGS},
@@ -871,6 +878,9 @@ def parse_args(argv=None):
                    help="set SJ_LIF_CUDA_IMPLEMENTATION in the workers (default: SpikingJelly's own choice)")
     p.add_argument("--profile", action="store_true",
                    help="one extra torch.profiler batch per cell: kernel / op / launch / sync / Python shares")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="online methods (sltt_c*, sltt_auto, sltt_k2) with cuda_graphs=True; write to another "
+                        "--out to keep both runs")
     p.add_argument("--quick", action="store_true",
                    help="smoke size: T 4, B 4, width 0.125, 16x16 input, 1 timed batch, 1 thread; results/quick/")
     p.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --quick: {QUICK_OUT})")
