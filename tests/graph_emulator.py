@@ -6,7 +6,8 @@ bytes back, memory made during the capture is left as garbage (all bits set: NaN
 replay runs the recorded ops again on the same tensors: out-of-place results are copied into the tensors
 the capture returned, in-place ops write the same tensors again, views are not re-run (they alias memory
 that is rewritten anyway). No Python between the ops runs on replay. A host synchronisation during the
-capture (``.item()``, ``bool(tensor)``) raises, as it does on a capturing CUDA stream.
+capture (``.item()``, ``bool(tensor)``, ``nonzero``, boolean-mask indexing) raises, as it does on a
+capturing CUDA stream.
 
 So a test can check the plumbing of :mod:`snn_localrules.graphs` (static buffers, state copied in and
 out, gradients accumulated in place, outputs read before the next replay) on CPU. What it cannot check:
@@ -21,7 +22,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-SYNCS = {torch.ops.aten._local_scalar_dense.default}
+# ops that wait for the device (a value or a data-dependent shape comes back to the host): not allowed
+# while a CUDA stream is capturing
+SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+         torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default,
+         torch.ops.aten.unique_consecutive.default, torch.ops.aten.unique_dim.default}
 
 
 # ops that write arguments their schema does not mark as written: batch norm's running statistics

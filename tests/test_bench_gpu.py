@@ -155,3 +155,35 @@ def test_profile_split_counts_overlapping_kernels_once(gpu):
     cpu = gpu.summarize_profile(events[:1], wall_s=1e-3, cuda=False)
     assert cpu["kernel_share"] is None and cpu["launch_share"] is None
     assert cpu["ops_share"] == pytest.approx(0.3) and cpu["python_share"] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(chunk=2), dict(chunk=5), dict(K=2)], ids=str)
+def test_benchmark_network_trains_the_same_with_emulated_cuda_graphs(gpu, monkeypatch, options):
+    """The network the GPU targets are about (narrow and small here), with fused neurons, packed spikes and
+    rebuilt membranes: online SLTT through (emulated, tests/graph_emulator.py) CUDA graphs equals eager
+    training bit for bit, for the chunks and SLTT-K that benchmarks/gpu.py runs with --cuda-graphs."""
+    import torch
+    from spikingjelly.activation_based import functional
+
+    import snn_localrules as slr
+    from tests.graph_emulator import emulate
+
+    def train(cuda_graphs):
+        torch.manual_seed(0)
+        model = gpu.build_vgg11(0.125, "avg", 2.0)
+        functional.set_step_mode(model, "m")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        learner = slr.wrap(model, rule="sltt", optimizer=optimizer, cuda_graphs=cuda_graphs, seed=0, **options)
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(3):
+            x = (torch.rand(6, 4, 2, 16, 16, generator=g) < 0.2).float()
+            losses.append(learner.step(x, torch.randint(0, 10, (4,), generator=g)).loss)
+        return model, learner, losses
+
+    eager_model, _, eager = train(False)
+    made = emulate(monkeypatch)
+    model, learner, graphed = train(True)
+    assert learner.graphs.off is None and sum(g.replays for g in made) > 0
+    assert graphed == eager
+    assert all(torch.equal(a, b) for a, b in zip(eager_model.parameters(), model.parameters()))
