@@ -62,6 +62,13 @@ class _Neuron:
     backend: str = "torch"
     #: ``backend="cupy"``: the surrogate as the kernels know it, (SpikingJelly class name, alpha)
     kernel_surrogate: Optional[Tuple[str, float]] = None
+    #: the surrogate is a SpikingJelly one whose forward is the Heaviside ``(z >= 0)``: spikes are computed
+    #: directly, without an autograd Function call per step (the CUDA kernels assume the same)
+    heaviside: bool = False
+
+    def spike(self, z: torch.Tensor) -> torch.Tensor:
+        """The surrogate's forward (no gradient): the spikes of ``z = H - V_th``."""
+        return (z >= 0).to(z.dtype) if self.heaviside else self.surrogate_function(z).detach()
 
     @property
     def reset_value(self) -> float:
@@ -117,7 +124,7 @@ class SLTTMultiStep(torch.autograd.Function):
             for t in range(x_seq.shape[0]):
                 h = charged[t] if charged is not None else torch.empty_like(x_seq[t])
                 _charge(cfg, x_seq[t], v, k, out=h)
-                spike = cfg.surrogate_function(h - cfg.v_threshold)
+                spike = cfg.spike(h - cfg.v_threshold)
                 spikes[t] = spike
                 v = _reset(cfg, h, spike)
                 if v_seq is not None:
@@ -271,7 +278,7 @@ def sltt_multi_step_backward(
         spike = spikes
     if (grad_v_all is not None and cfg.v_reset is not None) or need_grad_w:
         if spike is None:
-            spike = cfg.surrogate_function(charged - cfg.v_threshold).detach()
+            spike = cfg.spike(charged - cfg.v_threshold)
     if grad_v_all is not None:  # the direct route H -> V
         grad_h += grad_v_all if cfg.v_reset is None else grad_v_all * (1.0 - spike)
 
@@ -361,7 +368,7 @@ def sltt_multi_step(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    kernel_surrogate = _kernel_surrogate(surrogate_function) if backend != "torch" else None
+    kernel_surrogate = _kernel_surrogate(surrogate_function)
     if backend == "auto":
         on_gpu = kernel_surrogate is not None and sltt_cuda.runs_on(x_seq) and x_seq.dtype in sltt_cuda.DTYPES
         backend = "cupy" if on_gpu else "torch"
@@ -406,6 +413,6 @@ def sltt_multi_step(
         v_reset=None if v_reset is None else float(v_reset), detach_reset=bool(detach_reset),
         store_v_seq=bool(store_v_seq), surrogate_function=surrogate_function,
         surrogate_derivative=surrogate_derivative, backend=backend,
-        kernel_surrogate=kernel_surrogate if backend == "cupy" else None,
+        kernel_surrogate=kernel_surrogate if backend == "cupy" else None, heaviside=kernel_surrogate is not None,
     )
     return SLTTMultiStep.apply(x_seq, v_init, w if neuron == "plif" else None, cfg, v_fill)
