@@ -119,10 +119,11 @@ class SLTTMultiStep(torch.autograd.Function):
         else:
             spikes = torch.empty_like(x_seq)
             charged = torch.empty_like(x_seq) if pending is None else None
+            scratch = torch.empty_like(x_seq[0]) if pending is not None else None  # H, one step at a time
             v_seq = torch.empty_like(x_seq) if cfg.store_v_seq else None
             v = v_init
             for t in range(x_seq.shape[0]):
-                h = charged[t] if charged is not None else torch.empty_like(x_seq[t])
+                h = charged[t] if charged is not None else scratch  # _reset below makes v a new tensor
                 _charge(cfg, x_seq[t], v, k, out=h)
                 spike = cfg.spike(h - cfg.v_threshold)
                 spikes[t] = spike
