@@ -7,10 +7,12 @@ recorded in a :class:`ModuleHooks` and removed by :func:`unwrap`.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import types
 
 import weakref
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.nn as nn
 
@@ -129,6 +131,7 @@ def wrap(model: nn.Module, rule: str = "sltt", **options: Any):
     registry = rule_registry()
     if not isinstance(rule, str) or rule not in registry:
         raise WrapError(f"unknown rule {rule!r}; installed rules: {', '.join(sorted(registry))}.")
+    _check_option_names(rule, registry, options)
     neurons = find_neurons(model)
     learner = registry[rule](model, neurons, **options)  # validates options; touches nothing
     try:
@@ -151,6 +154,31 @@ def unwrap(model: nn.Module) -> nn.Module:
         raise WrapError(f"this {type(model).__name__} is not wrapped by snn-localrules; nothing to unwrap.")
     learner.unwrap()
     return model
+
+
+def _option_names(cls: type) -> Optional[List[str]]:
+    """The keyword options of a rule class, or None when its ``__init__`` takes any (``**kwargs``)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[3:]  # self, model, neurons
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
+def _check_option_names(rule: str, registry: Dict[str, type], options: Dict[str, Any]) -> None:
+    known = _option_names(registry[rule])
+    if known is None:
+        return
+    for name in options:
+        if name in known:
+            continue
+        elsewhere = sorted(r for r, cls in registry.items() if r != rule and name in (_option_names(cls) or ()))
+        hint = difflib.get_close_matches(name, known, n=1)
+        raise WrapError(
+            f"rule {rule!r} has no option {name!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + (f"; it is an option of rule {', '.join(map(repr, elsewhere))}" if elsewhere else "")
+            + f". Options of {rule!r}: {', '.join(known)}."
+        )
 
 
 def _forget(model: nn.Module) -> None:

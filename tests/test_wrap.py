@@ -77,6 +77,28 @@ def test_unknown_rule_lists_known():
         slr.wrap(sj_mlp(), rule="bptt")
 
 
+def test_unknown_option_names_the_rule_its_options_and_a_likely_fix():
+    model = sj_mlp()
+    before = snapshot(model)
+    with pytest.raises(slr.WrapError, match=r"rule 'sltt' has no option 'chunks' \(did you mean 'chunk'\?\)"):
+        slr.wrap(model, rule="sltt", chunks=2)
+    with pytest.raises(slr.WrapError, match="no option 'cuda_graphs'; it is an option of rule 'sltt'. Options of 'tp':"):
+        slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), cuda_graphs=True)
+    assert_same_snapshot(before, snapshot(model))
+
+    class KeywordRule(slr.rules.Rule):  # a plugin's rule that takes any keyword is left to check its own
+        name = "any_keyword"
+
+        def __init__(self, model, neurons, **options):
+            super().__init__(model, neurons)
+            self.options = options
+
+    registry = {"sltt": slr.rules.SLTT, "any_keyword": KeywordRule}
+    from snn_localrules.wrap import _check_option_names
+
+    _check_option_names("any_keyword", registry, {"whatever": 1})
+
+
 def test_optimizer_checks():
     model = sj_mlp()
     other = nn.Linear(2, 2)
