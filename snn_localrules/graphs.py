@@ -69,9 +69,11 @@ def on_side_stream(side: Optional[Any], device: torch.device) -> Iterator[None]:
         return
     current = torch.cuda.current_stream(device)
     side.wait_stream(current)
-    with torch.cuda.stream(side):
-        yield
-    current.wait_stream(side)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
 
 
 def _number(value: Any) -> bool:
