@@ -133,14 +133,31 @@ def test_grad_scaler_equals_eager(monkeypatch):
     assert graphed[1].scaler.get_scale() == eager[1].scaler.get_scale() == 2.0 ** 9  # grown once per batch
 
 
-def test_a_short_last_batch_and_an_eval_batch_are_captured_apart(monkeypatch):
+def test_a_smaller_batch_and_eval_mode_get_graphs_of_their_own(monkeypatch):
+    """Batches of 6, a last batch of 3, then batches of 6 in eval mode (batch norm on its running
+    statistics): three graphs, and training equal to eager throughout."""
+    from tests.conftest import skip_unless_eval_mode_neurons_have_gradients
+
+    skip_unless_eval_mode_neurons_have_gradients()
     shape = MODELS["sj-conv-bn-m"][1]
-    batches = _batches(shape, n=2) + _batches(shape, n=1, seed=9, batch=3) + _batches(shape, n=1, seed=8)
-    eager = _train("sj-conv-bn-m", False, batches=batches)
+    batches = _batches(shape, n=3) + _batches(shape, n=3, seed=9, batch=3) + _batches(shape, n=3, seed=8)
+
+    def run(cuda_graphs):
+        model = _build("sj-conv-bn-m")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+        learner = slr.wrap(model, rule="sltt", optimizer=optimizer, cuda_graphs=cuda_graphs)
+        stats = []
+        for i, (x, y) in enumerate(batches):
+            if i == 6:
+                model.eval()
+            stats.append(learner.step(x, y))
+        return model, learner, stats
+
+    eager = run(False)
     emulate(monkeypatch)
-    graphed = _train("sj-conv-bn-m", True, batches=batches)
+    graphed = run(True)
     _assert_same_training(eager, graphed)
-    assert graphed[1].graphs.captured == 2  # batch 6 and batch 3
+    assert graphed[1].graphs.captured == 3  # batch 6 training, batch 3 training, batch 6 eval
 
 
 def test_user_zero_grad_and_freezing_between_batches(monkeypatch):
@@ -165,6 +182,41 @@ def test_user_zero_grad_and_freezing_between_batches(monkeypatch):
     graphed = run(True)
     _assert_same_training(eager, graphed)
     assert len(made) == 2 and _replays(made) > 2 * T
+
+
+def test_chunk_auto_is_measured_eagerly_then_replayed(monkeypatch):
+    options = dict(chunk="auto", max_memory=64 * 2 ** 10)  # 3 steps of this model
+    eager = _train("sj-conv-bn-m", False, **options)
+    made = emulate(monkeypatch)
+    graphed = _train("sj-conv-bn-m", True, **options)
+    _assert_same_training(eager, graphed)
+    assert graphed[1].chunk_size == eager[1].chunk_size and 1 < graphed[1].chunk_size < T
+    assert _replays(made) > 0
+
+
+def test_a_resumed_checkpoint_trains_on_with_new_graphs(monkeypatch, tmp_path):
+    """Save after two batches, load into a new model and learner (its own graphs), train the third:
+    the same parameters as three batches in one run, graphs in both."""
+    emulate(monkeypatch)
+    batches = _batches(MODELS["sj-conv-bn-m"][1])
+    straight = _train("sj-conv-bn-m", True, batches=batches)
+
+    def learner_for(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+        return slr.wrap(model, rule="sltt", optimizer=optimizer, seed=11, cuda_graphs=True)
+
+    first = learner_for(_build("sj-conv-bn-m"))
+    torch.manual_seed(1)
+    for x, y in batches[:2]:
+        first.step(x, y)
+    first.save(tmp_path / "ckpt.pt")
+    model = _build("sj-conv-bn-m")
+    resumed = learner_for(model)
+    resumed.load(tmp_path / "ckpt.pt")
+    stats = resumed.step(*batches[2])
+    assert stats.loss == straight[2][2].loss
+    for (name, a), (_, b) in zip(straight[0].named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 class _ItemInForward(nn.Module):
