@@ -4,6 +4,8 @@
 #   benchmarks/gpu_session.sh wheels   # here, before the first GPU call: SpikingJelly, loguru and snnTorch
 #                                      # as wheels in .whl/ (git-ignored locally); carry .whl with every call
 #   benchmarks/gpu_session.sh tests    # there: every GPU test (CuPy kernels, fused neuron, CUDA graphs)
+#   benchmarks/gpu_session.sh legacy   # there: SpikingJelly 0.0.0.0.14 (its own .whl-legacy/, carried too):
+#                                      # models built with backend='cupy' on CUDA, under the wrapper
 #   benchmarks/gpu_session.sh grid     # there: benchmarks/gpu.py, repeat until it reports every cell
 #   benchmarks/gpu_session.sh graphs   # there: the online methods again with cuda_graphs=True
 #
@@ -32,12 +34,20 @@ case "$step" in
   wheels)
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl spikingjelly==2.0.0 loguru snntorch==1.0.0
-    ls -l .whl
+    grep -qx '/.whl-legacy/' .git/info/exclude || echo '/.whl-legacy/' >> .git/info/exclude
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .whl-legacy spikingjelly==0.0.0.0.14
+    ls -l .whl .whl-legacy
     ;;
   tests)
     site
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_sltt_cuda.py tests/test_sltt_multistep.py \
       tests/test_graphs.py tests/test_sj_legacy.py -k "cupy or cuda or gpu" 2>&1 | tee "$out/gpu_tests.log"
+    ;;
+  legacy)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-legacy \
+      .whl-legacy/*.whl || exit 1
+    export PYTHONPATH=/tmp/site-legacy:$PWD PYTHONUNBUFFERED=1
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_sj_legacy.py 2>&1 | tee "$out/gpu_legacy.log"
     ;;
   grid)
     site
@@ -52,7 +62,7 @@ case "$step" in
     cp benchmarks/results/gpu_graphs.json benchmarks/results/gpu_graphs.png "$out/" 2>/dev/null
     ;;
   *)
-    sed -n 2,13p "$0"
+    sed -n 2,15p "$0"
     exit 2
     ;;
 esac

@@ -598,3 +598,45 @@ def test_online_cuda_graphs_equal_eager(monkeypatch, kind):
     assert learner.graphs.off is None and sum(g.replays for g in made) > 0
     assert graphed == eager
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+# ---- on a GPU: models built with backend='cupy' for real ----------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and CuPy)")
+@pytest.mark.parametrize("package", ["clock_driven", "activation_based"])
+@pytest.mark.parametrize("mode", ["zero-change", "online"])
+def test_cupy_built_model_on_gpu_trains_like_its_torch_twin(package, mode):
+    """A model built on a GPU with ``backend='cupy'`` (what published 0.0.0.0.14 models pin) trains under
+    the wrapper, on CUDA tensors, as its torch-backend twin does: the wrapper steps the neurons with the
+    torch equations whatever the backend (SpikingJelly's cupy path of 0.0.0.0.14 needs ``np.int``, gone
+    from numpy 1.24 on)."""
+    pytest.importorskip("cupy")
+    if package == "clock_driven":
+        def make(backend):
+            return neuron.MultiStepLIFNode(tau=2.0, detach_reset=True, backend=backend)
+    else:
+        from spikingjelly.activation_based import neuron as ab_neuron
+
+        def make(backend):
+            return ab_neuron.LIFNode(tau=2.0, detach_reset=True, step_mode="m", backend=backend)
+    torch.manual_seed(0)
+    model = _conv(lambda: make("torch")).cuda()
+    twin = _conv(lambda: make("cupy")).cuda()
+    twin.load_state_dict(model.state_dict())
+    data = [tuple(t.cuda() for t in _data(seed, shape=(2, 5, 5))) for seed in range(3)]
+    results = []
+    for m in (model, twin):
+        if mode == "online":
+            learner = slr.wrap(m, rule="sltt", optimizer=torch.optim.SGD(m.parameters(), lr=0.5))
+            losses = [learner.step(x, y).loss for x, y in data]
+            results.append((losses, [p.detach().clone() for p in m.parameters()]))
+        else:
+            learner = slr.wrap(m, rule="sltt")
+            x, y = data[0]
+            _loss(m(x), y).backward()
+            results.append(([], [p.grad.clone() for p in m.parameters()]))
+        learner.unwrap()
+    (losses_a, tensors_a), (losses_b, tensors_b) = results
+    assert losses_b == pytest.approx(losses_a, rel=1e-5)
+    for a, b in zip(tensors_a, tensors_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert any(t.abs().sum() > 0 for t in tensors_a)
