@@ -83,7 +83,7 @@ def _number(value: Any) -> bool:
 class _Captured:
     """One captured step: its graph, static input/labels, static state, outputs."""
 
-    def __init__(self, graph: Any, x: torch.Tensor, y: torch.Tensor, states: List[Dict[str, torch.Tensor]],
+    def __init__(self, graph: Any, x: torch.Tensor, y: torch.Tensor, states: List[Dict[str, Any]],
                  outs: List[torch.Tensor], loss: torch.Tensor):
         self.graph, self.x, self.y, self.states, self.outs, self.loss = graph, x, y, states, outs, loss
 

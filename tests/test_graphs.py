@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 import snn_localrules as slr
-from snn_localrules import graphs
 from tests.graph_emulator import emulate
 from tests.models import sj_conv, sj_mlp, snn_sequential
 
