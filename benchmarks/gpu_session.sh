@@ -2,7 +2,7 @@
 # The work a session with a lent GPU machine has to do, in steps that each fit one 10-minute command.
 #
 #   benchmarks/gpu_session.sh wheels   # here, before the first GPU call: SpikingJelly, loguru and snnTorch
-#                                      # as wheels in .whl/ (git-ignored locally); carry .whl with every call
+#                                      # as wheels in .whl/ and .whl-legacy/ (.gitignore'd); carry them
 #   benchmarks/gpu_session.sh tests    # there: every GPU test (CuPy kernels, fused neuron, CUDA graphs)
 #   benchmarks/gpu_session.sh legacy   # there: SpikingJelly 0.0.0.0.14 (its own .whl-legacy/, carried too):
 #                                      # models built with backend='cupy' on CUDA, under the wrapper
@@ -19,10 +19,15 @@ step=${1:-}
 out=${OUT:-/tmp/slr-gpu}
 mkdir -p "$out"
 
-site() {  # the carried wheels, installed beside the image's own torch/CuPy/Triton/pluggy
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+carried() {  # carried() FOLDER TARGET: its wheels, installed beside the image's own torch/CuPy/Triton/pluggy
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl \
     || exit 1
-  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 SLR_FUSED_CUDA=${SLR_FUSED_CUDA:-1}
+  export PYTHONPATH=$2:$PWD PYTHONUNBUFFERED=1
+}
+
+site() {
+  carried .whl /tmp/site
+  export SLR_FUSED_CUDA=${SLR_FUSED_CUDA:-1}
   python3 - <<'EOF'
 import torch, cupy, spikingjelly, snntorch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
@@ -32,9 +37,7 @@ EOF
 
 case "$step" in
   wheels)
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl spikingjelly==2.0.0 loguru snntorch==1.0.0
-    grep -qx '/.whl-legacy/' .git/info/exclude || echo '/.whl-legacy/' >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl-legacy spikingjelly==0.0.0.0.14
     ls -l .whl .whl-legacy
     ;;
@@ -44,9 +47,7 @@ case "$step" in
       tests/test_graphs.py tests/test_sj_legacy.py -k "cupy or cuda or gpu" 2>&1 | tee "$out/gpu_tests.log"
     ;;
   legacy)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-legacy \
-      .whl-legacy/*.whl || exit 1
-    export PYTHONPATH=/tmp/site-legacy:$PWD PYTHONUNBUFFERED=1
+    carried .whl-legacy /tmp/site-legacy
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_sj_legacy.py 2>&1 | tee "$out/gpu_legacy.log"
     ;;
   grid)
