@@ -80,6 +80,18 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _fits(value: Any, static: Any) -> bool:
+    """Whether a state value is of the kind its static entry holds: None for None (a mask never made), the
+    same number for a constant (legacy SpikingJelly keeps ``v_threshold`` among its memories), a tensor of
+    the same shape, dtype and device for a buffer."""
+    if isinstance(static, torch.Tensor):
+        return (isinstance(value, torch.Tensor) and value.shape == static.shape and value.dtype == static.dtype
+                and value.device == static.device)
+    if static is None:
+        return value is None
+    return _number(value) and value == static
+
+
 class _Captured:
     """One captured step: its graph, static input/labels, static state, outputs."""
 
@@ -96,19 +108,14 @@ class _Captured:
                 return False
             for name, buffer in static.items():
                 value = current[name]
-                if not isinstance(buffer, torch.Tensor):  # None (a mask never made) or a constant number
-                    if value is None and buffer is None or _number(value) and _number(buffer) and value == buffer:
-                        continue
-                    return False
                 if value is buffer:
                     continue  # left there by the previous replay
-                if _number(value):
-                    buffer.fill_(value)
-                elif (isinstance(value, torch.Tensor) and value.shape == buffer.shape
-                      and value.dtype == buffer.dtype and value.device == buffer.device):
-                    buffer.copy_(value)
-                else:
+                if isinstance(buffer, torch.Tensor) and _number(value):
+                    buffer.fill_(value)  # a state reset to a number
+                elif not _fits(value, buffer):
                     return False
+                elif isinstance(buffer, torch.Tensor):
+                    buffer.copy_(value)
         return True
 
 
@@ -241,16 +248,13 @@ class StepGraphs:
                         after = holder.get_state()
                         for name, buffer in static.items():
                             value = after.get(name)
-                            if not isinstance(buffer, torch.Tensor) and (
-                                    value is None and buffer is None or _number(value) and value == buffer):
-                                continue  # still None, or the same constant
-                            if (not isinstance(buffer, torch.Tensor) or not isinstance(value, torch.Tensor)
-                                    or value.shape != buffer.shape or value.dtype != buffer.dtype):
+                            if not _fits(value, buffer):
                                 raise _NotCapturable(
                                     f"{type(getattr(holder, 'module', holder)).__name__} leaves its state "
                                     f"{name!r} as {_describe(value)} after a step (it entered as {_describe(buffer)})"
                                 )
-                            buffer.copy_(value)
+                            if isinstance(buffer, torch.Tensor):
+                                buffer.copy_(value)
         except Exception as error:  # the capture ran no kernel: put things back and go on eagerly
             self._undo(params, grads, before)
             reason = str(error) if isinstance(error, _NotCapturable) else (
@@ -269,7 +273,6 @@ class StepGraphs:
         if self._grads is None:
             self._grads = grads
         return _Captured(graph, static_x, static_y, states, list(outs), loss)
-
 
     def _undo(self, params: Sequence[nn.Parameter], grads: Dict[nn.Parameter, torch.Tensor],
               states: List[Dict[str, Any]]) -> None:

@@ -376,10 +376,10 @@ class SLTT(Rule):
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         no_sync = getattr(self.model, "no_sync", None)  # DDP/FSDP: all-reduce once per batch, not per step
         last_backprop = selected[-1] if selected else None
-        model_params = list(self.model.parameters())
-        self._graphs_for(x_seq)
+        self._graphs_for(x_seq, no_sync)
         self.reset_state()
         self.optimizer.zero_grad(set_to_none=True)
+        model_params = list(self.model.parameters()) if self.graphs is not None else []
         if self.graphs is not None:
             self.graphs.start_batch(model_params)  # captured steps accumulate into fixed .grad tensors
         total: Optional[torch.Tensor] = None  # summed on the loss's device: no host sync per step
@@ -453,13 +453,14 @@ class SLTT(Rule):
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return outs, loss
 
-    def _graphs_for(self, x_seq: torch.Tensor) -> None:
-        """Turn the CUDA graphs off, saying why once, for batches they cannot serve."""
+    def _graphs_for(self, x_seq: torch.Tensor, no_sync: Any) -> None:
+        """Turn the CUDA graphs off, saying why once, for batches they cannot serve (``no_sync``: the
+        model's, if it has one)."""
         if self.graphs is None or self.graphs.off is not None:
             return
         if not graphs.runs_on(x_seq.device):
             self.graphs.turn_off(f"the batch is on {x_seq.device.type}; CUDA graphs capture CUDA tensors only")
-        elif callable(getattr(self.model, "no_sync", None)):
+        elif callable(no_sync):
             self.graphs.turn_off("the model is distributed (it has no_sync(): DDP, FSDP); their gradient "
                                  "all-reduce is not captured")
 
