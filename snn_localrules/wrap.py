@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import types
-
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
