@@ -15,7 +15,9 @@ batch B in {32, 128}. The methods:
 * ``sltt_k2``    -- SLTT-2 (``K=2``, chunk 1).
 * ``sltt_fused`` -- zero-change mode: ``slr.wrap(model, rule="sltt")`` and the user's BPTT loop unchanged.
 
-Every (method, T, B) cell runs in a fresh worker process. Peak memory: on CUDA the growth of
+Every (method, T, B) cell runs in a fresh worker process (``--in-process``: all in this one, which on CUDA
+saves the interpreter start, CUDA context and kernel compilation per cell; the peak is reset per cell; on
+CPU such cells have no memory figure, since a process's peak RSS cannot be reset). Peak memory: on CUDA the growth of
 ``torch.cuda.max_memory_allocated`` over the memory allocated once the model, optimizer and data are on the
 GPU; on CPU the growth of the peak RSS over the RSS then. Time: the median over ``--timed`` batches after
 ``--warmup`` batches, ``torch.cuda.synchronize()`` before and after each. An out-of-memory cell reads "OOM";
@@ -36,6 +38,7 @@ On a GPU machine (with a CUDA build of torch)::
     python benchmarks/gpu.py                       # T 10 20, B 32 128, every method, 10 timed batches
     python benchmarks/gpu.py --profile --Ts 10 --batches 32
     python benchmarks/gpu.py --resume              # after a time limit: runs only the missing cells
+    python benchmarks/gpu.py --in-process          # every cell in one process: minutes instead of many
     python benchmarks/gpu.py --plot-only           # redraw benchmarks/results/gpu.png from the JSON
     SJ_LIF_CUDA_IMPLEMENTATION=triton python benchmarks/gpu.py --methods sj_bptt --out /tmp/triton.json
     python benchmarks/gpu.py --cuda-graphs --out benchmarks/results/gpu_graphs.json  # online steps as graphs
@@ -51,7 +54,7 @@ implementation and why the others were unavailable (``config.sj_bptt_lif_impleme
 path this plugin's neurons took (``sltt_neuron_path``: fused multi-step or stepped). The full grid is 36
 cells, each a fresh process (start-up, CUDA context and Triton compilation included): where one command
 may run only 10 minutes, repeat the same command with ``--resume`` until every cell is in (the JSON is
-rewritten after every cell, and ``--resume`` runs only the missing ones).
+rewritten after every cell, and ``--resume`` runs only the missing ones), or run it ``--in-process``.
 
 This plugin fuses its multi-step neurons on CUDA only with ``SLR_FUSED_CUDA=1`` (until the fused
 function is checked against SpikingJelly's CUDA neurons there: ``pytest tests/test_sltt_multistep.py -k
@@ -497,9 +500,9 @@ def run_worker(args) -> Dict[str, Any]:
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
             result["peak_reserved_growth_mb"] = (torch.cuda.max_memory_reserved(device) - reserved_baseline) / MB
-        else:
-            peak = peak_rss_bytes()
-        result.update(status=OK, peak_growth_mb=(peak - baseline) / MB, times_s=times,
+        else:  # a process's peak RSS cannot be reset: in-process cells on CPU have no memory figure
+            peak = None if getattr(args, "in_process", False) else peak_rss_bytes()
+        result.update(status=OK, peak_growth_mb=None if peak is None else (peak - baseline) / MB, times_s=times,
                       s_per_batch=statistics.median(times), losses=losses, warmup=args.warmup, timed=args.timed)
         if getattr(learner, "chunk", None) == "auto":
             result["auto_chunk"] = learner.chunk_size
@@ -513,8 +516,9 @@ def run_worker(args) -> Dict[str, Any]:
         peak_mb = (torch.cuda.max_memory_allocated(device) - baseline) / MB if cuda else None
         result.update(status=OOM, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                       peak_growth_mb=None, s_per_batch=None, peak_before_oom_mb=peak_mb)
-    if fused_calls is not None:
-        fused_calls.restore()
+    finally:  # also on an error: an --in-process run goes on to the next cell
+        if fused_calls is not None:
+            fused_calls.restore()
     if method in ("sj_bptt", "sj_memopt"):  # the methods that run SpikingJelly's multi-step LIF
         result["sj_lif"] = sj_lif_implementation(device, model)
     if learner is not None:
@@ -523,7 +527,8 @@ def run_worker(args) -> Dict[str, Any]:
     return result
 
 
-def worker_main(args) -> int:
+def cell_result(args) -> Dict[str, Any]:
+    """:func:`run_worker`, with a failure turned into the cell's record instead of an exception."""
     try:
         result = run_worker(args)
     except NotAvailable as exc:
@@ -535,7 +540,11 @@ def worker_main(args) -> int:
     result.update(method=args.method, T=args.T, batch_size=args.batch_size)
     result.setdefault("peak_growth_mb", None)
     result.setdefault("s_per_batch", None)
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    return result
+
+
+def worker_main(args) -> int:
+    print(RESULT_TAG + json.dumps(cell_result(args)), flush=True)
     return 0
 
 
@@ -567,6 +576,23 @@ def run_cell(method: str, T: int, B: int, args) -> Dict[str, Any]:
         result.update(status=OOM if killed else ERROR, reason=result.pop("error", "worker failed"),
                       peak_growth_mb=None, s_per_batch=None)
     return result
+
+
+def run_cell_here(method: str, T: int, B: int, args) -> Dict[str, Any]:
+    """One cell in this process (``--in-process``): no interpreter start, CUDA context or kernel compilation
+    per cell, which on a GPU cost more than the cell's batches. The CUDA peak is reset before each cell and
+    taken above the memory allocated once its model and data are in place, so what earlier cells left in
+    the caching allocator does not count; everything of the cell is freed before the next."""
+    cell_args = argparse.Namespace(**vars(args))
+    cell_args.method, cell_args.T, cell_args.batch_size = method, T, B
+    try:
+        return {**cell_result(cell_args), "in_process": True}
+    finally:
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def fmt_mb(mb: Optional[float]) -> str:
@@ -752,6 +778,7 @@ def parent_main(args) -> int:
               "size": args.size, "pool": args.pool, "tau": args.tau, "seed": args.seed, "warmup": args.warmup,
               "timed": args.timed, "threads": args.threads, "auto_max_memory": args.auto_max_memory,
               "profile": args.profile, "cuda_graphs": args.cuda_graphs, "pin_implementation": args.pin_implementation, "quick": args.quick,
+              "in_process": args.in_process,
               "channels": scaled_channels(args.width), "pool_after_conv": list(POOL_AFTER),
               "input": [IN_CHANNELS, args.size, args.size], "classes": CLASSES, "spike_prob": SPIKE_PROB,
               "neuron": {"type": "spikingjelly LIFNode", "tau": args.tau, "surrogate": "Sigmoid", **NEURON_SETTINGS},
@@ -781,7 +808,7 @@ def parent_main(args) -> int:
         method, T, B = key
         if tqdm is not None:
             bar.set_postfix_str(f"{method} T={T} B={B}")
-        results[key] = run_cell(method, T, B, args)
+        results[key] = (run_cell_here if args.in_process else run_cell)(method, T, B, args)
         line = f"{method:10s} T={T:3d} B={B:4d}: {cell_text(results, method, T, B)}"
         (tqdm.write if tqdm is not None else print)(line)
         # after every cell, so that a run stopped by a time limit loses nothing: --resume goes on from here
@@ -890,6 +917,10 @@ def parse_args(argv=None):
     p.add_argument("--idle-wait", type=float, default=0.0,
                    help="wait up to this many seconds for idle CPUs before each worker (0: do not)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every cell in this process instead of a fresh worker each: on CUDA the peak is "
+                        "reset per cell, and the grid takes minutes less (interpreter, CUDA context and kernel "
+                        "compilation once); on CPU cells then have no memory figure")
     p.add_argument("--allow-errors", action="store_true", help="exit 0 even if a cell failed (OOM and n/a never fail)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)

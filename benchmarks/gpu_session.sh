@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# The work a session with a lent GPU machine has to do, in steps that each fit one 10-minute command.
+# The work a session with a lent GPU machine has to do. A session gets 15 minutes of device time, the
+# machine's start included, so everything runs as one command of under 9 minutes:
 #
-#   benchmarks/gpu_session.sh wheels   # here, before the first GPU call: SpikingJelly, loguru and snnTorch
-#                                      # as wheels in .whl/ and .whl-legacy/ (.gitignore'd); carry them
-#   benchmarks/gpu_session.sh tests    # there: every GPU test (CuPy kernels, fused neuron, CUDA graphs)
-#   benchmarks/gpu_session.sh legacy   # there: SpikingJelly 0.0.0.0.14 (its own .whl-legacy/, carried too):
-#                                      # models built with backend='cupy' on CUDA, under the wrapper
-#   benchmarks/gpu_session.sh grid     # there: benchmarks/gpu.py, repeat until it reports every cell
-#   benchmarks/gpu_session.sh graphs   # there: the online methods again with cuda_graphs=True
+#   benchmarks/gpu_session.sh wheels   # here, before the GPU call: SpikingJelly, loguru and snnTorch as
+#                                      # wheels in .whl/ and .whl-legacy/ (.gitignore'd); carry both
+#   benchmarks/gpu_session.sh all      # there (device run, timeout_s 600): grid, tests, graphs, legacy in
+#                                      # that order, each under its own time limit; logs and JSON in $OUT
+#
+# or one part at a time:
+#   benchmarks/gpu_session.sh grid     # benchmarks/gpu.py, every cell in one process (--in-process)
+#   benchmarks/gpu_session.sh tests    # every GPU test (CuPy kernels, fused neuron, CUDA graphs)
+#   benchmarks/gpu_session.sh graphs   # the online methods again with cuda_graphs=True
+#   benchmarks/gpu_session.sh legacy   # SpikingJelly 0.0.0.0.14 (.whl-legacy/): backend='cupy' models on CUDA
 #
 # grid and graphs fuse the multi-step neurons on CUDA (SLR_FUSED_CUDA=1, the path the GPU targets are
-# about); SLR_FUSED_CUDA=0 in the environment gives the stepped path's figures instead.
-# Each step on the GPU machine writes its log and JSON under $OUT when that is set (the device tool's
-# output folder), so they come back even when the command is stopped at its limit.
+# about); SLR_FUSED_CUDA=0 in the environment gives the stepped path's figures instead. At most 8 files
+# come back from $OUT: all writes exactly 8 (4 logs, 2 JSON, 2 PNG).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}
@@ -35,35 +38,56 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.
 EOF
 }
 
+# each part: LIMIT seconds at most (0: none); the JSON is rewritten after every cell, so a part stopped at
+# its limit still returns what it measured
+limit() { if [ "${1:-0}" -gt 0 ]; then echo "timeout -k 5 $1"; fi; }
+
+grid() {
+  $(limit "${1:-0}") python3 benchmarks/gpu.py --in-process --resume --allow-errors --timed 5 \
+    --out "$out/gpu.json" 2>&1 | tee "$out/gpu_grid.log"
+}
+
+tests() {
+  $(limit "${1:-0}") python3 -m pytest -v -p no:cacheprovider -rs --durations=10 tests/test_sltt_cuda.py \
+    tests/test_sltt_multistep.py tests/test_graphs.py tests/test_sj_legacy.py -k "cupy or cuda or gpu" 2>&1 \
+    | tee "$out/gpu_tests.log"
+}
+
+graphs() {
+  $(limit "${1:-0}") python3 benchmarks/gpu.py --in-process --resume --allow-errors --timed 5 --cuda-graphs \
+    --methods sj_bptt sltt_c1 sltt_c2 sltt_c5 sltt_auto sltt_k2 \
+    --out "$out/gpu_graphs.json" 2>&1 | tee "$out/gpu_graphs.log"
+}
+
+legacy() {
+  ( carried .whl-legacy /tmp/site-legacy
+    $(limit "${1:-0}") python3 -m pytest -q -p no:cacheprovider -rs tests/test_sj_legacy.py 2>&1 \
+      | tee "$out/gpu_legacy.log" )
+}
+
 case "$step" in
   wheels)
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl spikingjelly==2.0.0 loguru snntorch==1.0.0
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl-legacy spikingjelly==0.0.0.0.14
     ls -l .whl .whl-legacy
     ;;
-  tests)
+  all)
+    start=$SECONDS
     site
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_sltt_cuda.py tests/test_sltt_multistep.py \
-      tests/test_graphs.py tests/test_sj_legacy.py -k "cupy or cuda or gpu" 2>&1 | tee "$out/gpu_tests.log"
+    grid 230; echo "grid done at $((SECONDS - start)) s"
+    tests 150; echo "tests done at $((SECONDS - start)) s"
+    graphs 90; echo "graphs done at $((SECONDS - start)) s"
+    legacy 45; echo "legacy done at $((SECONDS - start)) s"
+    ;;
+  grid|tests|graphs)
+    site
+    "$step"
     ;;
   legacy)
-    carried .whl-legacy /tmp/site-legacy
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_sj_legacy.py 2>&1 | tee "$out/gpu_legacy.log"
-    ;;
-  grid)
-    site
-    python3 benchmarks/gpu.py --resume --allow-errors --out benchmarks/results/gpu.json 2>&1 | tee "$out/gpu_grid.log"
-    cp benchmarks/results/gpu.json benchmarks/results/gpu.png "$out/" 2>/dev/null
-    ;;
-  graphs)
-    site
-    python3 benchmarks/gpu.py --resume --allow-errors --cuda-graphs \
-      --methods sj_bptt sltt_c1 sltt_c2 sltt_c5 sltt_auto sltt_k2 \
-      --out benchmarks/results/gpu_graphs.json 2>&1 | tee "$out/gpu_graphs.log"
-    cp benchmarks/results/gpu_graphs.json benchmarks/results/gpu_graphs.png "$out/" 2>/dev/null
+    legacy
     ;;
   *)
-    sed -n 2,15p "$0"
+    sed -n 2,18p "$0"
     exit 2
     ;;
 esac

@@ -81,6 +81,33 @@ def test_plot_only_redraws_from_the_smoke_json(smoke, gpu):
     assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_in_process_cells_train_exactly_as_fresh_workers_do(smoke, gpu, tmp_path):
+    # --in-process runs the cells one after another in one interpreter: each must start from the same
+    # weights and train the same batches as in its own process (nothing of an earlier cell leaks into it;
+    # the fused-call counter is put back), and on CPU, where a process's peak cannot be reset, it reports
+    # no memory figure instead of a wrong one
+    proc, fresh_out = smoke
+    assert proc.returncode == 0
+    out = tmp_path / "gpu.json"
+    run = subprocess.run(
+        ["nice", "-n", "10", sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out),
+         "--in-process", "--timed", "1", "--methods", *SMOKE_METHODS],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["config"]["in_process"] is True
+    fresh = {(r["method"], r["T"], r["batch_size"]): r for r in json.loads(fresh_out.read_text())["results"]}
+    cells = {(r["method"], r["T"], r["batch_size"]): r for r in payload["results"]}
+    assert set(cells) == set(fresh)
+    for key, r in cells.items():
+        assert r["status"] == "ok" and r["in_process"] is True, (key, r.get("reason"))
+        assert r["peak_growth_mb"] is None and math.isfinite(r["s_per_batch"])
+        assert r["losses"] == fresh[key]["losses"], key
+        assert r.get("sltt_neuron_path") == fresh[key].get("sltt_neuron_path"), key
+    assert "sltt_fused" in run.stdout
+
+
 def _cell(mem, sec, status="ok"):
     return {"status": status, "peak_growth_mb": mem if status == "ok" else None,
             "s_per_batch": sec if status == "ok" else None}
