@@ -4,18 +4,20 @@
 #
 #   benchmarks/gpu_session.sh wheels   # here, before the GPU call: SpikingJelly, loguru and snnTorch as
 #                                      # wheels in .whl/ and .whl-legacy/ (.gitignore'd); carry both
-#   benchmarks/gpu_session.sh all      # there (device run, timeout_s 600): grid, tests, graphs, legacy in
-#                                      # that order, each under its own time limit; logs and JSON in $OUT
+#   benchmarks/gpu_session.sh all      # there (device run, timeout_s 600): grid, neuron, tests, graphs,
+#                                      # legacy in that order, each under its own time limit; logs and
+#                                      # JSON in $OUT
 #
 # or one part at a time:
 #   benchmarks/gpu_session.sh grid     # benchmarks/gpu.py, every cell in one process (--in-process)
+#   benchmarks/gpu_session.sh neuron   # benchmarks/neuron_speed.py: one neuron layer, SJ's kernel vs ours
 #   benchmarks/gpu_session.sh tests    # every GPU test (CuPy kernels, fused neuron, CUDA graphs)
 #   benchmarks/gpu_session.sh graphs   # the online methods again with cuda_graphs=True
 #   benchmarks/gpu_session.sh legacy   # SpikingJelly 0.0.0.0.14 (.whl-legacy/): backend='cupy' models on CUDA
 #
 # grid and graphs fuse the multi-step neurons on CUDA (SLR_FUSED_CUDA=1, the path the GPU targets are
 # about); SLR_FUSED_CUDA=0 in the environment gives the stepped path's figures instead. At most 8 files
-# come back from $OUT: all writes exactly 8 (4 logs, 2 JSON, 2 PNG).
+# come back from $OUT: all writes exactly 8 (4 logs, 3 JSON, the grid's PNG).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}
@@ -47,6 +49,11 @@ grid() {
     --out "$out/gpu.json" 2>&1 | tee "$out/gpu_grid.log"
 }
 
+neuron() {  # one neuron layer: SpikingJelly's CUDA/Triton LIF against the fused CuPy kernels
+  $(limit "${1:-0}") python3 benchmarks/neuron_speed.py --device cuda --shape 64 128 24 24 \
+    --out "$out/neuron_speed.json" 2>&1 | tee -a "$out/gpu_grid.log"
+}
+
 tests() {
   $(limit "${1:-0}") python3 -m pytest -v -p no:cacheprovider -rs --durations=10 tests/test_sltt_cuda.py \
     tests/test_sltt_multistep.py tests/test_graphs.py tests/test_sj_legacy.py -k "cupy or cuda or gpu" 2>&1 \
@@ -57,6 +64,7 @@ graphs() {
   $(limit "${1:-0}") python3 benchmarks/gpu.py --in-process --resume --allow-errors --timed 5 --cuda-graphs \
     --methods sj_bptt sltt_c1 sltt_c2 sltt_c5 sltt_auto sltt_k2 \
     --out "$out/gpu_graphs.json" 2>&1 | tee "$out/gpu_graphs.log"
+  rm -f "$out/gpu_graphs.png"  # at most 8 files come back; gpu.py --plot-only redraws it from the JSON
 }
 
 legacy() {
@@ -74,12 +82,13 @@ case "$step" in
   all)
     start=$SECONDS
     site
-    grid 230; echo "grid done at $((SECONDS - start)) s"
+    grid 220; echo "grid done at $((SECONDS - start)) s"
+    neuron 40; echo "neuron done at $((SECONDS - start)) s"
     tests 150; echo "tests done at $((SECONDS - start)) s"
     graphs 90; echo "graphs done at $((SECONDS - start)) s"
     legacy 45; echo "legacy done at $((SECONDS - start)) s"
     ;;
-  grid|tests|graphs)
+  grid|neuron|tests|graphs)
     site
     "$step"
     ;;

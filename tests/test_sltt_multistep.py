@@ -164,6 +164,40 @@ def test_forward_half_precision_equals_spikingjelly(kind, dtype):
     assert torch.equal(v, node.v) and torch.equal(v_seq, node.v_seq)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["fp16", "bf16", "fp32", "fp64"])
+@pytest.mark.parametrize("v_reset", [None, 0.0, -0.1], ids=["soft", "hard0", "hard-0.1"])
+@pytest.mark.parametrize("kind,decay", [("if", True), ("lif", True), ("lif", False), ("plif", False)])
+def test_forward_equals_spikingjelly_with_thresholds_the_dtype_cannot_hold(kind, decay, v_reset, dtype):
+    # the fused forward compares H with the threshold and resets with one add; SpikingJelly subtracts the
+    # threshold first and resets with products: the same numbers in every dtype, also for a threshold
+    # (0.3) and a reset (-0.1) that the dtype cannot hold and for H at the threshold or one step beside it
+    sg = surrogate.Sigmoid()
+    common = dict(v_threshold=0.3, v_reset=v_reset, surrogate_function=sg, detach_reset=True, step_mode="m",
+                  store_v_seq=True)
+    node = (sj_neuron.IFNode(**common) if kind == "if" else
+            sj_neuron.LIFNode(tau=TAU, decay_input=decay, **common) if kind == "lif" else
+            sj_neuron.ParametricLIFNode(init_tau=INIT_TAU, decay_input=decay, **common))
+    x = make_input(dtype) * 0.5
+    if v_reset in (None, 0.0):
+        # step 0 charges H = X (/ tau for LIF with decay_input) from zero: some H exactly at the threshold
+        # as the dtype holds it, and one step of the dtype either side
+        theta = torch.tensor(0.3, dtype=dtype)
+        ups, downs = torch.nextafter(theta, torch.tensor(1.0, dtype=dtype)), torch.nextafter(theta, torch.zeros((), dtype=dtype))
+        boundary = torch.stack((theta, ups, downs)) * (2 if kind == "lif" and decay else 1)
+        x[0, 0, :3] = boundary
+    with torch.no_grad():
+        ref_spikes = node(x)
+    if v_reset in (None, 0.0):
+        assert ref_spikes[0, 0, :3].tolist() == [1, 1, 0]
+    spikes, v, v_seq = sltt_multi_step(  # SpikingJelly's membrane starts at v_reset
+        x, 0.0 if v_reset is None else v_reset, kind, surrogate_function=sg, tau=TAU, w=node.w.detach() if kind == "plif" else None,
+        decay_input=decay, v_threshold=0.3, v_reset=v_reset, detach_reset=True, store_v_seq=True)
+    _spike_rate_ok(spikes)
+    assert torch.equal(spikes, ref_spikes), "spikes differ from SpikingJelly's"
+    assert torch.equal(v_seq, node.v_seq) and torch.equal(v, node.v), "membranes differ from SpikingJelly's"
+
+
 # ------------------------------------------------------------------------------------------------------
 # backward: equal to the per-step reference
 # ------------------------------------------------------------------------------------------------------
@@ -211,6 +245,27 @@ def test_backward_equals_per_step_reference(cfg, sg_name, dtype, use_v_outputs, 
         kind, x, w, lambda x, w: fused(kind, x, v0, decay, v_reset, detach, sg, w=w, store_v_seq=True,
                                        derivative=derivative),
         use_v_outputs)
+    _spike_rate_ok(ref_spikes)
+    assert torch.equal(spikes, ref_spikes)
+    _assert_rel_close(gx, ref_gx, "input gradient")
+    if kind == "plif":
+        _assert_rel_close(gw.reshape(1), ref_gw.reshape(1), "w gradient")
+
+
+@pytest.mark.parametrize("closed_form", [True, False], ids=["closed", "autograd"])
+@pytest.mark.parametrize("decay", [True, False], ids=["decay1", "decay0"])
+@pytest.mark.parametrize("kind", ["if", "lif", "plif"])
+def test_backward_with_a_nonzero_reset_value_equals_per_step_reference(kind, decay, closed_form):
+    # V_reset = -0.1 enters the charge (V - V_reset), the hard reset and PLIF's dH/dk
+    sg = surrogate.Sigmoid(alpha=4.0)
+    x = make_input(torch.float64)
+    v0 = make_input(torch.float64, seed=1)[0] * 0.5
+    w = plif_w() if kind == "plif" else None
+    ref_spikes, ref_gx, ref_gw = _grads(
+        kind, x, w, lambda x, w: reference_sltt(kind, x, v0, decay, -0.1, False, sg, w=w), True)
+    spikes, gx, gw = _grads(
+        kind, x, w, lambda x, w: fused(kind, x, v0, decay, -0.1, False, sg, w=w, store_v_seq=True,
+                                       derivative=surrogate_derivative(sg) if closed_form else None), True)
     _spike_rate_ok(ref_spikes)
     assert torch.equal(spikes, ref_spikes)
     _assert_rel_close(gx, ref_gx, "input gradient")
@@ -462,3 +517,27 @@ def test_cuda_forward_equals_spikingjelly_and_backward_equals_reference(cfg, dty
         _assert_rel_close(gx, ref_gx, "input gradient (cuda)")
         if kind == "plif":
             _assert_rel_close(gw.reshape(1), ref_gw.reshape(1), "w gradient (cuda)")
+
+
+def test_neuron_speed_benchmark_runs_and_the_fused_neuron_keeps_no_more(tmp_path):
+    # benchmarks/neuron_speed.py at smoke size: every (neuron, reset) row is filled, and the fused neuron
+    # keeps no more for backward than SpikingJelly's own (one [T, N] tensor against its three with a hard
+    # reset); the times on this shared CPU are only checked to be there
+    import importlib.util
+    import json
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "neuron_speed.py"
+    spec = importlib.util.spec_from_file_location("neuron_speed_under_test", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "neuron_speed.json"
+    assert bench.main(["--Ts", "3", "--shape", "2", "4", "5", "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["neuron"], r["setting"]) for r in rows} == {(k, s) for k in bench.KINDS for s in bench.SETTINGS}
+    one = 3 * 2 * 4 * 5 * 4 / 2 ** 20  # one [T, N] float32 tensor, in MB
+    for r in rows:
+        assert r["sj_ms"] > 0 and r["fused_ms"] > 0
+        assert r["fused_saved_mb"] <= r["sj_saved_mb"] + 1e-12, r
+        if r["setting"] == "hard" and r["neuron"] != "ParametricLIFNode":
+            assert r["fused_saved_mb"] == pytest.approx(one) and r["sj_saved_mb"] >= 2 * one, r

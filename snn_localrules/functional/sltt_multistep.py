@@ -70,32 +70,73 @@ class _Neuron:
         """The surrogate's forward (no gradient): the spikes of ``z = H - V_th``."""
         return (z >= 0).to(z.dtype) if self.heaviside else self.surrogate_function(z).detach()
 
+    def fire(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """The spikes of ``H`` into ``out``. A Heaviside surrogate compares directly: ``H - V_th >= 0``
+        exactly when ``H >= V_th`` (IEEE subtraction rounds to zero only for equal operands and keeps the
+        sign; tested at the threshold in every dtype), one pass with no temporaries."""
+        if self.heaviside:
+            torch.ge(h, self.v_threshold, out=out)
+        else:
+            out.copy_(self.surrogate_function(h - self.v_threshold).detach())
+
     @property
     def reset_value(self) -> float:
         return 0.0 if self.v_reset is None else self.v_reset
 
 
 def _charge(cfg: _Neuron, x: torch.Tensor, v: torch.Tensor, k: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    """H = charge(X, V) written into ``out``. Same operations in the same order as SpikingJelly 2.0's
-    ``_ops/{if_,lif,plif}``, which keeps spikes bit-identical (``v - 0.0`` is ``v`` exactly: skipped)."""
+    """H = charge(X, V) written into ``out`` (which may be ``x``, not ``v``). The same operations in the same
+    order as SpikingJelly 2.0's ``_ops/{if_,lif,plif}``, which keeps spikes bit-identical (``v - 0.0`` is
+    ``v`` exactly: skipped), computed in ``out`` instead of temporaries (``a + b`` is ``b + a`` exactly)."""
     if cfg.kind == "if":
         torch.add(v, x, out=out)
         return
     leak = v - cfg.reset_value if cfg.reset_value != 0.0 else v
-    if cfg.kind == "lif":
-        leak = (x - leak) / cfg.tau if cfg.decay_input else leak / cfg.tau
-    else:
-        leak = (x - leak) * k if cfg.decay_input else leak * k
-    if cfg.decay_input:
-        torch.add(v, leak, out=out)
-    else:
-        torch.add(v - leak, x, out=out)
+    if cfg.decay_input:  # V + (X - leak) / tau: X is read before out is written
+        torch.sub(x, leak, out=out)
+        (out.div_(cfg.tau) if cfg.kind == "lif" else out.mul_(k)).add_(v)
+    else:  # (V - leak / tau) + X
+        scaled = leak / cfg.tau if cfg.kind == "lif" else leak * k
+        torch.add(torch.sub(v, scaled, out=scaled), x, out=out)
 
 
-def _reset(cfg: _Neuron, h: torch.Tensor, spike: torch.Tensor) -> torch.Tensor:
+def _reset(cfg: _Neuron, h: torch.Tensor, spike: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """V after the spike, a new tensor (or ``out``, which must not be ``h``). Soft: ``H - s * theta``; hard:
+    ``s * V_reset + (1 - s) * H``. With Heaviside spikes (0 or 1) every product is exact and one term of the
+    hard sum is zero, so the fewer passes below give SpikingJelly's numbers (up to the sign of a zero
+    membrane); other surrogates' outputs take SpikingJelly's own operations."""
+    if not cfg.heaviside:
+        if cfg.v_reset is None:
+            v = h - spike * cfg.v_threshold
+        else:
+            v = spike * cfg.v_reset + (1.0 - spike) * h
+        return v if out is None else out.copy_(v)
     if cfg.v_reset is None:
-        return h - spike * cfg.v_threshold
-    return spike * cfg.v_reset + (1.0 - spike) * h
+        return torch.add(h, spike, alpha=-cfg.v_threshold, out=out)
+    v = torch.sub(1.0, spike, out=out).mul_(h)
+    return v.add_(spike, alpha=cfg.v_reset) if cfg.v_reset != 0.0 else v
+
+
+def _dh_dk(cfg: _Neuron, charged: torch.Tensor, spike: Optional[torch.Tensor], v_init: torch.Tensor,
+           x_seq: Optional[torch.Tensor]) -> torch.Tensor:
+    """PLIF's ``dH[t]/dk`` for every step, with ``V[t-1]`` held constant: ``X[t] - (V[t-1] - V_reset)`` with
+    ``decay_input``, else ``-(V[t-1] - V_reset)``; ``V[t-1]`` is the reset of ``H[t-1]`` (``v_init`` at
+    t=0) with ``spike`` (None: taken again from ``H``). One new ``[T, N, ...]`` buffer, no other
+    temporaries where the spikes are Heaviside and the reset soft."""
+    out = torch.empty_like(charged)
+    out[0] = v_init
+    if charged.shape[0] > 1:
+        if spike is None and cfg.heaviside and cfg.v_reset is None:
+            cfg.fire(charged[:-1], out=out[1:])  # the spikes first, then H - s * theta over them
+            torch.add(charged[:-1], out[1:], alpha=-cfg.v_threshold, out=out[1:])
+        else:
+            previous = spike[:-1] if spike is not None else torch.empty_like(charged[:-1])
+            if spike is None:
+                cfg.fire(charged[:-1], out=previous)
+            _reset(cfg, charged[:-1], previous, out=out[1:])
+    if cfg.reset_value != 0.0:
+        out.sub_(cfg.reset_value)
+    return torch.sub(x_seq, out, out=out) if cfg.decay_input else out.neg_()
 
 
 class SLTTMultiStep(torch.autograd.Function):
@@ -125,9 +166,8 @@ class SLTTMultiStep(torch.autograd.Function):
             for t in range(x_seq.shape[0]):
                 h = charged[t] if charged is not None else scratch  # _reset below makes v a new tensor
                 _charge(cfg, x_seq[t], v, k, out=h)
-                spike = cfg.spike(h - cfg.v_threshold)
-                spikes[t] = spike
-                v = _reset(cfg, h, spike)
+                cfg.fire(h, out=spikes[t])
+                v = _reset(cfg, h, spikes[t])
                 if v_seq is not None:
                     v_seq[t] = v
         ctx.cfg = cfg
@@ -256,39 +296,37 @@ def sltt_multi_step_backward(
         from_v = grad_v_all * dv_ds
         grad_s = from_v if grad_s is None else grad_s + from_v
 
-    spike = None
+    # the spikes (the forward's when H was rebuilt, else taken again from H) where the hard reset's route
+    # or PLIF's w needs them; PLIF's dH/dk before H may be overwritten below
+    spike = spikes
+    if spike is None and grad_v_all is not None and cfg.v_reset is not None:
+        spike = torch.empty_like(charged)
+        cfg.fire(charged, out=spike)
+    dh_dk = _dh_dk(cfg, charged, spike, v_init, x_seq) if need_grad_w else None
+
     if grad_s is None:
         grad_h = torch.zeros_like(charged)
     elif cfg.surrogate_derivative is not None:
         # in place in one buffer: the only [T, N, ...] temporary of the common case; none when H is scratch
         # and nothing below reads it again
-        in_place = charged_disposable and grad_v_all is None and not need_grad_w
+        in_place = charged_disposable and grad_v_all is None
         z = charged.sub_(cfg.v_threshold) if in_place else charged - cfg.v_threshold
         grad_h = cfg.surrogate_derivative(z).mul_(grad_s)
     else:
         # one autograd call of the surrogate over all steps gives its derivative, whatever surrogate it is
         with torch.enable_grad():
             z = (charged - cfg.v_threshold).requires_grad_(True)
-            spike = cfg.surrogate_function(z)
-        (grad_h,) = torch.autograd.grad(spike, z, grad_outputs=grad_s.to(spike.dtype))
+            surrogate_spikes = cfg.surrogate_function(z)
+        (grad_h,) = torch.autograd.grad(surrogate_spikes, z, grad_outputs=grad_s.to(surrogate_spikes.dtype))
         if grad_h.untyped_storage().data_ptr() == grad_s.untyped_storage().data_ptr():
             grad_h = grad_h.clone()  # a pass-through surrogate: the buffer below must be our own
-        spike = spike.detach()
-        del z
-    if spikes is not None:
-        spike = spikes
-    if (grad_v_all is not None and cfg.v_reset is not None) or need_grad_w:
-        if spike is None:
-            spike = cfg.spike(charged - cfg.v_threshold)
+        del z, surrogate_spikes
     if grad_v_all is not None:  # the direct route H -> V
         grad_h += grad_v_all if cfg.v_reset is None else grad_v_all * (1.0 - spike)
 
     grad_w = None
-    if need_grad_w:
-        v_prev = torch.cat((v_init.unsqueeze(0), _reset(cfg, charged[:-1], spike[:-1])))
-        r = cfg.reset_value
-        dh_dk = x_seq - (v_prev - r) if cfg.decay_input else -(v_prev - r)
-        grad_k = (grad_h * dh_dk).sum()
+    if dh_dk is not None:
+        grad_k = dh_dk.mul_(grad_h).sum()
         grad_w = (grad_k * k * (1.0 - k)).to(k.dtype)
 
     if cfg.kind == "lif" and cfg.decay_input:
