@@ -9,7 +9,9 @@ SpikingJelly's default (hard reset to 0), per T:
 * ``sj``    -- the neuron as SpikingJelly runs it (its default backend for the device: torch on CPU; on CUDA
   its own CUDA or Triton kernel), forward and BPTT backward.
 * ``fused`` -- the same module after ``slr.wrap(layer, rule="sltt")`` (zero-change mode): forward and SLTT's
-  elementwise backward (torch on CPU; on CUDA the CuPy kernels where the plugin uses them).
+  elementwise backward (torch on CPU; on CUDA the CuPy kernels where the plugin uses them). Where the
+  plugin steps the neuron instead (no fused form proven equal to this SpikingJelly's, or CUDA without
+  ``SLR_FUSED_CUDA=1``), the row says "(stepped)".
 
 Each round runs every variant once (interleaved, so a load change hits all alike); the table gives the
 median time of forward + backward over the rounds, the ratio fused / sj, and the bytes autograd keeps for
@@ -22,6 +24,7 @@ only the neuron would keep). The upstream gradient is fixed random values; every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -68,9 +71,11 @@ def case(kind: str, setting: str, T: int, shape: List[int], device, seed: int):
         if variant == "fused":
             slr.wrap(torch.nn.Sequential(module), rule="sltt")
 
-        def run(module=module):
+        def run(module=module, count=None):
+            """Forward and backward once; ``count``: a context manager active during the forward only."""
             x.grad = None
-            out = module(x)
+            with count if count is not None else contextlib.nullcontext():
+                out = module(x)
             out.backward(grad)
             functional.reset_net(module)
             return out
@@ -79,12 +84,13 @@ def case(kind: str, setting: str, T: int, shape: List[int], device, seed: int):
     return runs, kept
 
 
-def saved_bytes(run: Callable[[], Any], exclude) -> int:
-    """What autograd keeps for backward during one forward of ``run`` (its backward runs after counting)."""
+def saved_bytes(run: Callable[..., Any], exclude) -> int:
+    """What autograd keeps for backward from one forward of ``run`` (not what its backward saves for a
+    moment of its own, such as an autograd call of the surrogate)."""
     from snn_localrules.memory import SavedBytes
 
-    with SavedBytes(exclude) as counter:
-        run()
+    counter = SavedBytes(exclude)
+    run(count=counter)
     return counter.total
 
 
@@ -111,7 +117,12 @@ def measure(args) -> List[Dict[str, Any]]:
                         run()
                         sync()
                         times[variant].append(time.perf_counter() - start)
-                row: Dict[str, Any] = {"T": T, "neuron": kind, "setting": setting, "shape": list(args.shape)}
+                # did the wrapped module take the fused node, or step its neuron (where the plugin has no
+                # form proven equal to this SpikingJelly's, or on CUDA without SLR_FUSED_CUDA=1)?
+                node = type(runs["fused"]().grad_fn).__name__
+                path = "fused" if node.startswith("SLTTMultiStep") else "stepped"
+                row: Dict[str, Any] = {"T": T, "neuron": kind, "setting": setting, "shape": list(args.shape),
+                                       "fused_path": path}
                 for variant, run in runs.items():
                     row[f"{variant}_ms"] = statistics.median(times[variant]) * 1e3
                     row[f"{variant}_saved_mb"] = saved_bytes(run, storage_keys(kept)) / 2 ** 20
@@ -126,7 +137,8 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
     lines = ["| T | neuron | reset | SpikingJelly fwd+bwd | fused SLTT fwd+bwd | fused / SJ | kept for backward (SJ / fused) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['T']} | {r['neuron']} | {r['setting']} | {r['sj_ms']:.2f} ms | {r['fused_ms']:.2f} ms | "
+        wrapped = f"{r['fused_ms']:.2f} ms" + ("" if r["fused_path"] == "fused" else " (stepped)")
+        lines.append(f"| {r['T']} | {r['neuron']} | {r['setting']} | {r['sj_ms']:.2f} ms | {wrapped} | "
                      f"{r['ratio']:.2f} | {r['sj_saved_mb']:.2f} / {r['fused_saved_mb']:.2f} MB |")
     return "\n".join(lines)
 

@@ -178,6 +178,9 @@ def test_forward_equals_spikingjelly_with_thresholds_the_dtype_cannot_hold(kind,
     node = (sj_neuron.IFNode(**common) if kind == "if" else
             sj_neuron.LIFNode(tau=TAU, decay_input=decay, **common) if kind == "lif" else
             sj_neuron.ParametricLIFNode(init_tau=INIT_TAU, decay_input=decay, **common))
+    if not callable(getattr(node, "materialize_states", None)) and not decay and v_reset in (None, 0.0):
+        pytest.skip("SpikingJelly before 2.0 charges v * (1 - k) + x here, another rounding: the wrapper "
+                    "steps such neurons (adapters/spikingjelly.py, _older_forward_matches)")
     x = make_input(dtype) * 0.5
     if v_reset in (None, 0.0):
         # step 0 charges H = X (/ tau for LIF with decay_input) from zero: some H exactly at the threshold
@@ -536,7 +539,9 @@ def test_neuron_speed_benchmark_runs_and_the_fused_neuron_keeps_no_more(tmp_path
     rows = json.loads(out.read_text())["rows"]
     assert {(r["neuron"], r["setting"]) for r in rows} == {(k, s) for k in bench.KINDS for s in bench.SETTINGS}
     one = 3 * 2 * 4 * 5 * 4 / 2 ** 20  # one [T, N] float32 tensor, in MB
-    for r in rows:
+    if callable(getattr(sj_neuron.LIFNode, "materialize_states", None)):  # SpikingJelly 2: all are fused
+        assert {r["fused_path"] for r in rows} == {"fused"}
+    for r in (r for r in rows if r["fused_path"] == "fused"):
         assert r["sj_ms"] > 0 and r["fused_ms"] > 0
         assert r["fused_saved_mb"] <= r["sj_saved_mb"] + 1e-12, r
         if r["setting"] == "hard" and r["neuron"] != "ParametricLIFNode":
