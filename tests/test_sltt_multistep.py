@@ -361,6 +361,14 @@ def test_saves_only_the_charged_membrane():
         big = [t for t in saved if t is not None and t.numel() > 1]
         assert [tuple(t.shape) for t in big] == [(T, B, N)], kind
         assert big[0].dtype == torch.float32
+    # PLIF with decay_input and a w gradient keeps its input for d H / d k, and H not beside it: backward
+    # charges H again from that input
+    saved.clear()
+    x = make_input(torch.float32).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        spikes, _, _ = fused("plif", x, 0.0, True, None, True, surrogate.Sigmoid(), w=plif_w(torch.float32).requires_grad_())
+    big = [t for t in saved if t is not None and t.numel() > 1]
+    assert len(big) == 1 and big[0] is x
 
 
 def test_single_step_sequence():

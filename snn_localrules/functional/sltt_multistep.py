@@ -151,16 +151,21 @@ class SLTTMultiStep(torch.autograd.Function):
                 v_fill: Optional[float] = None):
         ctx.set_materialize_grads(False)
         k = w.sigmoid() if cfg.kind == "plif" else None
-        # a neuron fed by a batch norm keeps no H (see norm_recompute): then H is one step's buffer at a time
+        ctx.plif_grad = cfg.kind == "plif" and w is not None and ctx.needs_input_grad[2]
+        # a neuron fed by a batch norm keeps no H (see norm_recompute), and neither does a PLIF neuron with
+        # decay_input whose w needs a gradient: it keeps its input for d H / d k (X[t] - (V[t-1] - V_reset)),
+        # from which backward charges H again; then H is one step's buffer at a time
         pending = pending_source(x_seq)
+        from_input = pending is None and ctx.plif_grad and cfg.decay_input and cfg.backend != "cupy"
         if cfg.backend == "cupy":
             spikes, v, charged, v_seq = sltt_cuda.forward(
                 cfg.kind, x_seq, v_init, k, tau=cfg.tau, decay_input=cfg.decay_input, v_threshold=cfg.v_threshold,
                 v_reset=cfg.v_reset, keep_h=pending is None, store_v_seq=cfg.store_v_seq)
         else:
             spikes = torch.empty_like(x_seq)
-            charged = torch.empty_like(x_seq) if pending is None else None
-            scratch = torch.empty_like(x_seq[0]) if pending is not None else None  # H, one step at a time
+            one_step = pending is not None or from_input
+            charged = None if one_step else torch.empty_like(x_seq)
+            scratch = torch.empty_like(x_seq[0]) if one_step else None  # H, one step at a time
             v_seq = torch.empty_like(x_seq) if cfg.store_v_seq else None
             v = v_init
             for t in range(x_seq.shape[0]):
@@ -172,7 +177,6 @@ class SLTTMultiStep(torch.autograd.Function):
                     v_seq[t] = v
         ctx.cfg = cfg
         ctx.v_fill = v_fill  # v_init is this number everywhere (the state's first call): kept as the number
-        ctx.plif_grad = cfg.kind == "plif" and w is not None and ctx.needs_input_grad[2]
         ctx.norm = None
         if pending is not None:
             # the input is a batch norm's output: keep what rebuilds it (the norm's own saved input) and the
@@ -183,7 +187,8 @@ class SLTTMultiStep(torch.autograd.Function):
             ctx.norm = (source.eps, source.channel_dim, x_seq.shape)
             ctx.save_for_backward(*source.tensors(), spikes, v_init if v_fill is None else None, k)
             return spikes, v, v_seq
-        # the input is needed only for PLIF's d H / d k with decay_input (X[t] - (V[t-1] - V_reset))
+        # the input is needed only for PLIF's d H / d k with decay_input (X[t] - (V[t-1] - V_reset)); the
+        # CUDA kernels keep H beside it
         keep_x = ctx.plif_grad and cfg.decay_input
         keep_v = ctx.plif_grad and v_fill is None
         ctx.save_for_backward(charged, v_init if keep_v else None, x_seq if keep_x else None, k)
@@ -198,8 +203,8 @@ class SLTTMultiStep(torch.autograd.Function):
         charged, x_seq, v_init, spikes, k = SLTTMultiStep._restore(ctx)
         disposable = False
         if charged is None:
-            if ctx.plif_grad and cfg.decay_input:
-                charged = _charge_again(cfg, x_seq, v_init, k, spikes, torch.empty_like(x_seq))
+            if ctx.plif_grad and cfg.decay_input:  # X stays for d H / d k; H in a buffer of its own
+                charged, disposable = _charge_again(cfg, x_seq, v_init, k, spikes, torch.empty_like(x_seq)), True
             else:  # H overwrites the rebuilt input, which nothing else needs: one [T, N, ...] buffer
                 charged, x_seq, disposable = _charge_again(cfg, x_seq, v_init, k, spikes, x_seq), None, True
         grad_x, grad_w = sltt_multi_step_backward(
@@ -243,14 +248,18 @@ class SLTTMultiStep(torch.autograd.Function):
 
 
 def _charge_again(cfg: _Neuron, x_seq: torch.Tensor, v_init: torch.Tensor, k: Optional[torch.Tensor],
-                  spikes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                  spikes: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """H of every step, into ``out`` (which may be ``x_seq``: step t reads X[t] before writing H[t]), from
     the input and the forward's spikes: the forward's recurrence, with the saved spikes in the resets (a
-    rebuilt H within rounding of the threshold cannot fire differently)."""
+    rebuilt H within rounding of the threshold cannot fire differently). ``spikes`` None: the input is the
+    forward's own, so the same operations give the same H, and each step's spikes are taken again from it."""
     v = v_init
+    fired = torch.empty_like(x_seq[0]) if spikes is None else None
     for t in range(x_seq.shape[0]):
         _charge(cfg, x_seq[t], v, k, out=out[t])
-        v = _reset(cfg, out[t], spikes[t])
+        if fired is not None:
+            cfg.fire(out[t], out=fired)
+        v = _reset(cfg, out[t], spikes[t] if fired is None else fired)
     return out
 
 
@@ -367,8 +376,9 @@ def sltt_multi_step(
     Forward is SpikingJelly 2.0's neuron exactly (see the module docstring). Backward is SLTT's: the
     membrane carried into each step is a constant, so ``dL/dX[t]`` depends on step t alone and is computed
     for all steps at once; PLIF's ``w`` gets the sum over t of its per-step gradients. Only ``H``
-    (``[T, N, ...]``, the input's dtype) is kept for backward, plus ``x_seq`` for PLIF with
-    ``decay_input`` when ``w`` needs a gradient; nothing of its own inside
+    (``[T, N, ...]``, the input's dtype) is kept for backward; for PLIF with ``decay_input`` when ``w``
+    needs a gradient, ``x_seq`` instead (``dH/dk`` needs it; backward charges ``H`` again from it, the
+    CUDA kernels keep both); nothing of its own inside
     :func:`~snn_localrules.functional.norm_recompute.rebuild_input_from` when ``x_seq`` is that batch norm's
     output (the SLTT rule does this for batch-norm-fed neurons): then backward charges again.
 
