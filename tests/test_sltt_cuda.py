@@ -182,6 +182,8 @@ def test_kernel_path_through_autograd_equals_torch(kernels_on_cpu, cfg, use_v_ou
                                    v_threshold=THRESHOLD, v_reset=v_reset, detach_reset=detach, store_v_seq=True,
                                    surrogate_derivative=surrogate_derivative(sg), backend=backend)
         assert type(s.grad_fn).__name__ == "SLTTMultiStepBackward" and s.grad_fn.cfg.backend == backend
+        if kind == "plif" and decay:  # it keeps its input for d H / d k, and no H: backward charges again
+            assert s.grad_fn.saved_tensors[0] is None and s.grad_fn.saved_tensors[2] is xr
         g = torch.Generator().manual_seed(4)
         loss = (s * torch.randn(s.shape, generator=g, dtype=torch.float64)).sum()
         if use_v_outputs:

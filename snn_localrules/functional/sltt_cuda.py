@@ -102,7 +102,8 @@ SLR_GLOBAL void slr_sltt_forward(
 }
 
 /* SLTT's backward, all T of one neuron in one thread (the carried membrane is a constant under SLTT).
-   H from h_seq, or (h_seq null) charged again from x, v_init and the forward's spikes.
+   H from h_seq, or (h_seq null) charged again from x, v_init and the forward's spikes (spikes null: taken
+   again from each charged H, when x is the forward's input itself rather than a rebuilt one).
    grad_spikes, grad_v_seq: [T, N] or null; grad_v_last: [N] or null.
    grad_x: [T, N] out; grad_k: [N] out (sum over t of dL/dH * dH/dk) or null. x is needed when h_seq is null
    and for grad_k with decay; v_init when h_seq is null and for grad_k. */
@@ -128,9 +129,9 @@ SLR_GLOBAL void slr_sltt_backward(
             if (h_seq) {
                 h = SLR_LOAD(h_seq[i]);
                 s = rnd(h - th) >= (acc_t)0 ? (acc_t)1 : (acc_t)0;
-            } else {
+            } else {  /* no spikes: x is the forward's own input, so this h is its h, and so is s */
                 h = charge(kind, decay, SLR_LOAD(x[i]), v, c, r);
-                s = SLR_LOAD(spikes[i]);
+                s = spikes ? SLR_LOAD(spikes[i]) : (rnd(h - th) >= (acc_t)0 ? (acc_t)1 : (acc_t)0);
             }
             acc_t gv = grad_v_seq ? SLR_LOAD(grad_v_seq[i]) : (acc_t)0;
             if (grad_v_last && t == T - 1) gv += SLR_LOAD(grad_v_last[n]);

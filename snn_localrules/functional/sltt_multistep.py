@@ -156,11 +156,11 @@ class SLTTMultiStep(torch.autograd.Function):
         # decay_input whose w needs a gradient: it keeps its input for d H / d k (X[t] - (V[t-1] - V_reset)),
         # from which backward charges H again; then H is one step's buffer at a time
         pending = pending_source(x_seq)
-        from_input = pending is None and ctx.plif_grad and cfg.decay_input and cfg.backend != "cupy"
+        from_input = pending is None and ctx.plif_grad and cfg.decay_input
         if cfg.backend == "cupy":
             spikes, v, charged, v_seq = sltt_cuda.forward(
                 cfg.kind, x_seq, v_init, k, tau=cfg.tau, decay_input=cfg.decay_input, v_threshold=cfg.v_threshold,
-                v_reset=cfg.v_reset, keep_h=pending is None, store_v_seq=cfg.store_v_seq)
+                v_reset=cfg.v_reset, keep_h=pending is None and not from_input, store_v_seq=cfg.store_v_seq)
         else:
             spikes = torch.empty_like(x_seq)
             one_step = pending is not None or from_input
@@ -187,8 +187,8 @@ class SLTTMultiStep(torch.autograd.Function):
             ctx.norm = (source.eps, source.channel_dim, x_seq.shape)
             ctx.save_for_backward(*source.tensors(), spikes, v_init if v_fill is None else None, k)
             return spikes, v, v_seq
-        # the input is needed only for PLIF's d H / d k with decay_input (X[t] - (V[t-1] - V_reset)); the
-        # CUDA kernels keep H beside it
+        # the input is needed only for PLIF's d H / d k with decay_input (X[t] - (V[t-1] - V_reset)), and then
+        # H is not kept beside it
         keep_x = ctx.plif_grad and cfg.decay_input
         keep_v = ctx.plif_grad and v_fill is None
         ctx.save_for_backward(charged, v_init if keep_v else None, x_seq if keep_x else None, k)
@@ -377,8 +377,8 @@ def sltt_multi_step(
     membrane carried into each step is a constant, so ``dL/dX[t]`` depends on step t alone and is computed
     for all steps at once; PLIF's ``w`` gets the sum over t of its per-step gradients. Only ``H``
     (``[T, N, ...]``, the input's dtype) is kept for backward; for PLIF with ``decay_input`` when ``w``
-    needs a gradient, ``x_seq`` instead (``dH/dk`` needs it; backward charges ``H`` again from it, the
-    CUDA kernels keep both); nothing of its own inside
+    needs a gradient, ``x_seq`` instead (``dH/dk`` needs it; backward charges ``H`` again from it);
+    nothing of its own inside
     :func:`~snn_localrules.functional.norm_recompute.rebuild_input_from` when ``x_seq`` is that batch norm's
     output (the SLTT rule does this for batch-norm-fed neurons): then backward charges again.
 
