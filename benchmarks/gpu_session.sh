@@ -34,9 +34,10 @@ site() {
   carried .whl /tmp/site
   export SLR_FUSED_CUDA=${SLR_FUSED_CUDA:-1}
   python3 - <<'EOF'
-import torch, cupy, spikingjelly, snntorch
+import importlib.util, torch, spikingjelly, snntorch
+cupy = importlib.util.find_spec("cupy") and __import__("cupy")
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
-      "| cupy", cupy.__version__, "| snntorch", snntorch.__version__)
+      "| cupy", cupy.__version__ if cupy else "missing", "| snntorch", snntorch.__version__)
 EOF
 }
 
@@ -44,13 +45,15 @@ EOF
 # its limit still returns what it measured
 limit() { if [ "${1:-0}" -gt 0 ]; then echo "timeout -k 5 $1"; fi; }
 
+# SLR_GRID_ARGS: more options for both gpu.py runs; SLR_NEURON_ARGS replaces neuron_speed.py's (a dry run
+# of 'all' on a CPU: SLR_GRID_ARGS="--quick --device cpu" SLR_NEURON_ARGS="--Ts 4 --rounds 2")
 grid() {
-  $(limit "${1:-0}") python3 benchmarks/gpu.py --in-process --resume --allow-errors --timed 5 \
+  $(limit "${1:-0}") python3 benchmarks/gpu.py --in-process --resume --allow-errors --timed 5 ${SLR_GRID_ARGS:-} \
     --out "$out/gpu.json" 2>&1 | tee "$out/gpu_grid.log"
 }
 
 neuron() {  # one neuron layer: SpikingJelly's CUDA/Triton LIF against the fused CuPy kernels
-  $(limit "${1:-0}") python3 benchmarks/neuron_speed.py --device cuda --shape 64 128 24 24 \
+  $(limit "${1:-0}") python3 benchmarks/neuron_speed.py ${SLR_NEURON_ARGS:---device cuda --shape 64 128 24 24} \
     --out "$out/neuron_speed.json" 2>&1 | tee -a "$out/gpu_grid.log"
 }
 
@@ -61,7 +64,7 @@ tests() {
 }
 
 graphs() {
-  $(limit "${1:-0}") python3 benchmarks/gpu.py --in-process --resume --allow-errors --timed 5 --cuda-graphs \
+  $(limit "${1:-0}") python3 benchmarks/gpu.py --in-process --resume --allow-errors --timed 5 --cuda-graphs ${SLR_GRID_ARGS:-} \
     --methods sj_bptt sltt_c1 sltt_c2 sltt_c5 sltt_auto sltt_k2 \
     --out "$out/gpu_graphs.json" 2>&1 | tee "$out/gpu_graphs.log"
   rm -f "$out/gpu_graphs.png"  # at most 8 files come back; gpu.py --plot-only redraws it from the JSON
