@@ -230,9 +230,9 @@ def test_keeps_exactly_one_membrane_less_per_norm_fed_neuron():
         del out
         functional.reset_net(model)
         learner.unwrap()
-    # T x B x (C x H x W) fp32: the LIF's membrane; the PLIF's input (kept for d H / d w, from which it
-    # charges H again in backward either way: it never keeps a membrane of its own)
-    kept = 4 * 4 * (6 * 8 * 8) * 4 + 4 * 4 * (8 * 8 * 8) * 4
+    # T x B x (C x H x W) fp32: the LIF's membrane; the PLIF's membrane and its input (for d H / d w; with
+    # recompute_membrane=False it keeps both, so that its backward has no time loop)
+    kept = 4 * 4 * (6 * 8 * 8) * 4 + 2 * 4 * 4 * (8 * 8 * 8) * 4
     assert saved[False] - saved[True] == kept
 
 
@@ -276,3 +276,35 @@ def test_recompute_option_is_validated():
     with pytest.raises(slr.WrapError, match="recompute_membrane"):
         slr.wrap(vgg_like(), rule="sltt", recompute_membrane="yes")
 
+
+
+def test_a_learning_plif_keeps_its_input_alone_unless_recompute_is_off():
+    # Linear -> PLIF (decay_input, w learns) -> Linear: the PLIF keeps its input for d H / d w; with
+    # recompute_membrane (default) not its membrane beside it (backward charges again), without it both.
+    # The gradients are the same either way.
+    T_, B_, N_ = 5, 3, 16
+
+    def model():
+        torch.manual_seed(0)
+        net = nn.Sequential(layer.Linear(8, N_), sj_neuron.ParametricLIFNode(init_tau=2.0, detach_reset=True),
+                            layer.Linear(N_, 4))
+        functional.set_step_mode(net, "m")
+        return net
+
+    x = torch.rand(T_, B_, 8, generator=torch.Generator().manual_seed(1))
+    saved, grads = {}, {}
+    for recompute in (True, False):
+        net = model()
+        learner = slr.wrap(net, rule="sltt", recompute_membrane=recompute)
+        exclude = storage_keys(list(net.parameters()) + [x])
+        with SavedBytes(exclude) as counter:
+            out = net(x)
+        saved[recompute] = counter.total
+        out.square().sum().backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in net.named_parameters()}
+        functional.reset_net(net)
+        learner.unwrap()
+    assert saved[False] - saved[True] == T_ * B_ * N_ * 4  # the PLIF's membrane, fp32
+    assert float(grads[True]["1.w"].abs()) > 0
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-6, atol=1e-9, msg=name)

@@ -168,18 +168,33 @@ class _Pending:
 _PENDING: contextvars.ContextVar[Optional[_Pending]] = contextvars.ContextVar("snn_localrules_norm_source", default=None)
 
 
+#: whether a fused call may charge its membrane again in backward rather than keep it (the SLTT rule's
+#: ``recompute_membrane``); on by default for direct calls of the fused function
+_RECHARGE: contextvars.ContextVar[bool] = contextvars.ContextVar("snn_localrules_recharge", default=True)
+
+
 @contextlib.contextmanager
-def rebuild_input_from(output: torch.Tensor, source: Optional[NormSource], packer: Any = None) -> Iterator[None]:
+def rebuild_input_from(output: torch.Tensor, source: Optional[NormSource], packer: Any = None,
+                       recharge: bool = True) -> Iterator[None]:
     """While active, a fused SLTT neuron call whose input is ``output`` (``source``'s output) keeps ``source``
-    instead of its membrane; ``packer`` (a ``SpikePacker`` or None) learns its spikes before they are saved."""
+    instead of its membrane; ``packer`` (a ``SpikePacker`` or None) learns its spikes before they are saved.
+    ``recharge=False``: the call keeps its membrane in every case (see :func:`recharge_allowed`)."""
     pending = None
     if source is not None:
         pending = _Pending(output.untyped_storage().data_ptr(), output._version, source, packer)
-    token = _PENDING.set(pending)
+    token, recharge_token = _PENDING.set(pending), _RECHARGE.set(bool(recharge))
     try:
         yield
     finally:
         _PENDING.reset(token)
+        _RECHARGE.reset(recharge_token)
+
+
+def recharge_allowed() -> bool:
+    """Whether a fused call that keeps its input anyway (PLIF with ``decay_input``, whose ``w`` gradient
+    needs it) may drop its membrane and charge it again from that input in backward: True unless a
+    :func:`rebuild_input_from` with ``recharge=False`` is active."""
+    return _RECHARGE.get()
 
 
 def pending_source(x_seq: torch.Tensor) -> Optional[Tuple[NormSource, Any]]:

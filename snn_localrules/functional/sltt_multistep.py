@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from ..errors import BackendError
 from . import sltt_cuda
-from .norm_recompute import NormSource, pending_source
+from .norm_recompute import NormSource, pending_source, recharge_allowed
 
 SurrogateFunction = Callable[[torch.Tensor], torch.Tensor]
 #: ``z -> d spike / d z`` elementwise, allowed to overwrite ``z`` (it receives a buffer of its own)
@@ -154,9 +154,10 @@ class SLTTMultiStep(torch.autograd.Function):
         ctx.plif_grad = cfg.kind == "plif" and w is not None and ctx.needs_input_grad[2]
         # a neuron fed by a batch norm keeps no H (see norm_recompute), and neither does a PLIF neuron with
         # decay_input whose w needs a gradient: it keeps its input for d H / d k (X[t] - (V[t-1] - V_reset)),
-        # from which backward charges H again; then H is one step's buffer at a time
+        # from which backward charges H again (unless recharging is off: recompute_membrane=False); then H
+        # is one step's buffer at a time
         pending = pending_source(x_seq)
-        from_input = pending is None and ctx.plif_grad and cfg.decay_input
+        from_input = pending is None and ctx.plif_grad and cfg.decay_input and recharge_allowed()
         if cfg.backend == "cupy":
             spikes, v, charged, v_seq = sltt_cuda.forward(
                 cfg.kind, x_seq, v_init, k, tau=cfg.tau, decay_input=cfg.decay_input, v_threshold=cfg.v_threshold,
@@ -187,8 +188,7 @@ class SLTTMultiStep(torch.autograd.Function):
             ctx.norm = (source.eps, source.channel_dim, x_seq.shape)
             ctx.save_for_backward(*source.tensors(), spikes, v_init if v_fill is None else None, k)
             return spikes, v, v_seq
-        # the input is needed only for PLIF's d H / d k with decay_input (X[t] - (V[t-1] - V_reset)), and then
-        # H is not kept beside it
+        # the input is needed only for PLIF's d H / d k with decay_input (X[t] - (V[t-1] - V_reset))
         keep_x = ctx.plif_grad and cfg.decay_input
         keep_v = ctx.plif_grad and v_fill is None
         ctx.save_for_backward(charged, v_init if keep_v else None, x_seq if keep_x else None, k)
@@ -377,8 +377,9 @@ def sltt_multi_step(
     membrane carried into each step is a constant, so ``dL/dX[t]`` depends on step t alone and is computed
     for all steps at once; PLIF's ``w`` gets the sum over t of its per-step gradients. Only ``H``
     (``[T, N, ...]``, the input's dtype) is kept for backward; for PLIF with ``decay_input`` when ``w``
-    needs a gradient, ``x_seq`` instead (``dH/dk`` needs it; backward charges ``H`` again from it);
-    nothing of its own inside
+    needs a gradient, ``x_seq`` instead (``dH/dk`` needs it; backward charges ``H`` again from it; both
+    inside a :func:`~snn_localrules.functional.norm_recompute.rebuild_input_from` with ``recharge=False``,
+    as the SLTT rule's ``recompute_membrane=False`` asks); nothing of its own inside
     :func:`~snn_localrules.functional.norm_recompute.rebuild_input_from` when ``x_seq`` is that batch norm's
     output (the SLTT rule does this for batch-norm-fed neurons): then backward charges again.
 

@@ -86,13 +86,14 @@ def _cut_state_pre_hook(neuron: NeuronAdapter) -> Callable:
 
 
 def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Optional[SpikePacker] = None,
-                      norms: Optional[NormSources] = None) -> Callable:
+                      norms: Optional[NormSources] = None, recharge: bool = True) -> Callable:
     """A per-instance forward for multi-step-capable neurons: with autograd on and the module in
     multi-step mode, run the sequence with the state cut before each step: in one fused call with SLTT's
     elementwise backward when ``fused`` and the adapter has that form for the neuron as configured
     (``NeuronAdapter.fused_sltt_multi_step``), else one step at a time. Otherwise (single-step, or
     no_grad) call the neuron's own forward unchanged, so inference keeps its fast path. With ``norms``, a
-    fused call whose input is a batch norm's output keeps that norm's input instead of its membrane."""
+    fused call whose input is a batch norm's output keeps that norm's input instead of its membrane;
+    ``recharge=False``: every fused call keeps its membrane (``recompute_membrane=False``)."""
     base = neuron
 
     def forward(module: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -106,7 +107,7 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
                 )
             if fused:
                 source = norms.source_of(x) if norms is not None else None
-                with rebuild_input_from(x, source, packer):
+                with rebuild_input_from(x, source, packer, recharge=recharge):
                     out = neuron.fused_sltt_multi_step(x)
                 if out is not None:
                     if packer is not None:
@@ -119,7 +120,8 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
 
 
 def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], fused: bool = False,
-                         packer: Optional[SpikePacker] = None, norms: Optional[NormSources] = None) -> None:
+                         packer: Optional[SpikePacker] = None, norms: Optional[NormSources] = None,
+                         recharge: bool = True) -> None:
     """Cut every neuron's carried state from the graph at every step (both step modes). ``fused``: run
     multi-step calls of neurons that have a fused SLTT form in one call (same gradients, less time), and
     register their spikes with ``packer``; with ``norms``, a fused call fed by a batch norm keeps no
@@ -127,7 +129,7 @@ def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], f
     for neuron in neurons:
         hooks.pre_hook(neuron.module, _cut_state_pre_hook(neuron), with_kwargs=True)
         if neuron.supports_multi_step:
-            hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer, norms))
+            hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer, norms, recharge))
 
 
 def install_forward_scope(hooks: ModuleHooks, model: nn.Module, scopes: Sequence[Any]) -> bool:
@@ -197,7 +199,9 @@ class SLTT(Rule):
         (``BatchNorm1d/2d/3d``, torch's or SpikingJelly's; float32/float64) keeps no membrane for backward: it
         charges again from the batch norm's input, which the batch norm keeps anyway, and its own spikes
         (:mod:`snn_localrules.functional.norm_recompute`). The same gradients to rounding, one ``[T, N]``
-        fp32 tensor less per such neuron, an elementwise pass more in backward.
+        fp32 tensor less per such neuron, an elementwise pass more in backward. A PLIF neuron with
+        ``decay_input`` whose ``w`` learns keeps its input for that gradient and, likewise, no membrane
+        beside it. ``False``: every fused neuron keeps its membrane, and its backward has no time loop.
     :param autocast: mixed precision for online mode: ``None``/``False`` (off), ``True`` (the device's
         default autocast dtype: bfloat16 on CPU, float16 on CUDA) or a dtype. Each step's forward and loss
         run under ``torch.autocast``; backward runs outside it. Running :meth:`step` inside your own
@@ -335,7 +339,8 @@ class SLTT(Rule):
                 hooks.forward_hook(module, packer.derive)  # pooled spikes are countable too
             if norms is not None and channel_dim(module) is not None:
                 hooks.forward_hook(module, norms.record)
-        install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer, norms=norms)
+        install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer, norms=norms,
+                             recharge=self.recompute_membrane)
         self.packer = packer
 
     # -- online driver ---------------------------------------------------------------------------
