@@ -351,7 +351,8 @@ def diagnose(
             g_sltt = _gradients(sltt_loss, params)
             del sltt_loss
             if not owns_loop:
-                step_bytes = _online_step_bytes(model, x_seq, y, step_loss, sequence_model, choice, exclude)
+                step_bytes = _online_step_bytes(model, x_seq, y, step_loss, sequence_model, choice, exclude,
+                                                learner.packer)
                 fresh_start()
         finally:
             learner.unwrap()
@@ -387,15 +388,16 @@ def diagnose(
 
 def _online_step_bytes(
     model: nn.Module, x_seq: torch.Tensor, y: torch.Tensor, step_loss: StepLoss, sequence_model: bool,
-    choice: OutputChoice, exclude: set,
+    choice: OutputChoice, exclude: set, packer: Any = None,
 ) -> int:
     """The most bytes autograd saves for one step of online SLTT (the model is wrapped): the steps run
-    one per forward, as ``learner.step`` runs them, and each step's graph is dropped before the next."""
+    one per forward, as ``learner.step`` runs them, and each step's graph is dropped before the next;
+    spikes count as the wrapper's ``packer`` keeps them."""
     T = x_seq.shape[0]
     most = 0
     with torch.enable_grad():
         for t in range(T):
-            with SavedBytes(exclude) as saved:
+            with SavedBytes(exclude, packer=packer) as saved:
                 (out,) = run_in_time(model, x_seq[t : t + 1], sequence_model, choice)
                 step = _step_loss(step_loss, out, y, t) / T
             most = max(most, saved.total)

@@ -10,11 +10,17 @@ import torch
 
 class SavedBytes:
     """Counts the bytes of the distinct storages autograd saves for backward while active, leaving out
-    the storages in ``exclude`` (parameters, buffers, the input: they exist whatever the rule)."""
+    the storages in ``exclude`` (parameters, buffers, the input: they exist whatever the rule).
 
-    def __init__(self, exclude: set):
+    ``packer``: the :class:`~snn_localrules.functional.spike_pack.SpikePacker` of a wrapped model, if it has
+    one: then what it keeps is counted (spikes as 1-byte counts) through the packer's observer, instead of
+    by hooks of this object's own, under which the packer would stand aside."""
+
+    def __init__(self, exclude: set, packer: Any = None):
         self.exclude = exclude
         self.storages: Dict[Tuple[str, int], int] = {}
+        self.packer = packer
+        self._observing = False
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type != "meta":
@@ -34,11 +40,21 @@ class SavedBytes:
         return sum(self.storages.values())
 
     def __enter__(self) -> "SavedBytes":
+        from .functional.spike_pack import _other_hooks_active
+
+        # the packer pushes its hooks when the model's forward starts, unless other hooks are active now
+        compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+        if self.packer is not None and self.packer.observer is None and not _other_hooks_active() and not compiling:
+            self.packer.observer, self._observing = self.pack, True
+            return self
         self._context = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._context.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._observing:
+            self.packer.observer, self._observing = None, False
+            return
         self._context.__exit__(*exc)
 
 

@@ -114,7 +114,7 @@ def _saved_per_step(model, x, y, chunk):
     original = learner._saved_bytes
 
     def always_measure(measure, x_seq):
-        meter = SavedBytes(storage_keys([x_seq, *model.parameters(), *model.buffers()]))
+        meter = SavedBytes(storage_keys([x_seq, *model.parameters(), *model.buffers()]), packer=learner.packer)
         most.append(meter)
         return meter
 
@@ -153,6 +153,38 @@ def test_auto_chunk_is_the_largest_that_fits_the_budget(steps_fitting):
     backwards, _ = _count_backwards(model, learner, x, y)
     assert backwards == math.ceil(T / chosen)  # kept for later batches
     assert learner.state_dict()["chunk_size"] == chosen
+
+
+def test_auto_chunk_counts_spikes_as_the_packer_keeps_them():
+    # chunk="auto" measures its first step through the spike packer (1-byte spikes, no membrane for
+    # batch-norm-fed neurons), not beside it: a conv-BN-LIF model keeps well under half the bytes per step
+    # that it keeps unpacked, and so gets a longer chunk from the same budget
+    from test_norm_recompute import _data as conv_data, vgg_like
+
+    x, y = conv_data(steps=6)
+    measured = {}
+    for options in ({}, dict(pack_spikes=False, recompute_membrane=False)):
+        torch.manual_seed(0)
+        model = vgg_like()
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                           chunk="auto", max_memory=1 << 40, **options)
+        learner.step(x, y)
+        assert learner.packer is (None if options else learner.packer) and learner.step_bytes > 0
+        measured[bool(options)] = learner.step_bytes
+        learner.unwrap()
+    assert measured[False] < 0.6 * measured[True], measured
+    # and the same budget holds more packed steps
+    budget = int(measured[True] * 2.5)
+    chunks = {}
+    for options in ({}, dict(pack_spikes=False, recompute_membrane=False)):
+        torch.manual_seed(0)
+        model = vgg_like()
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                           chunk="auto", max_memory=budget, **options)
+        learner.step(x, y)
+        chunks[bool(options)] = learner.chunk_size
+        learner.unwrap()
+    assert chunks[True] == 2 and chunks[False] >= 4, chunks
 
 
 def test_auto_chunk_trains_like_chunk_one():

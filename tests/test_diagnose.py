@@ -294,9 +294,10 @@ def test_memory_bptt_grows_with_T_online_step_does_not():
     assert long.bptt_saved_bytes > 6 * short.bptt_saved_bytes
     assert long.sltt_step_saved_bytes == short.sltt_step_saved_bytes
     assert 0 < long.sltt_step_saved_bytes < long.bptt_saved_bytes / 8
-    # one step's saved activations are at least the conv output, its BN output and the spikes ([B, 4, 8, 8]
-    # float32 each), and x_seq itself is not counted
-    assert long.sltt_step_saved_bytes >= 3 * 4 * 4 * 8 * 8 * 4
+    # one step's saved activations are at least the conv output (the batch norm's input, [B, 4, 8, 8]
+    # float32) and the spikes, counted as the wrapper keeps them (1-byte counts; the batch-norm-fed neuron
+    # keeps no membrane); x_seq itself is not counted
+    assert long.sltt_step_saved_bytes >= 4 * 4 * 8 * 8 * 4 + 4 * 4 * 8 * 8
     assert long.memory_ratio == pytest.approx(long.sltt_step_saved_bytes / long.bptt_saved_bytes)
 
 

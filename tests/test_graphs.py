@@ -184,7 +184,7 @@ def test_user_zero_grad_and_freezing_between_batches(monkeypatch):
 
 
 def test_chunk_auto_is_measured_eagerly_then_replayed(monkeypatch):
-    options = dict(chunk="auto", max_memory=64 * 2 ** 10)  # 3 steps of this model
+    options = dict(chunk="auto", max_memory=36 * 2 ** 10)  # 3 steps of this model (spikes packed)
     eager = _train("sj-conv-bn-m", False, **options)
     made = emulate(monkeypatch)
     graphed = _train("sj-conv-bn-m", True, **options)

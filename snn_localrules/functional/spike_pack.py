@@ -91,6 +91,10 @@ class SpikePacker:
         self._pushed = False
         self.packed_bytes = 0
         self.saved_bytes = 0
+        #: called with what is kept of each saved tensor (its packed counts, or the tensor itself) while
+        #: the packer is pushed: how ``memory.SavedBytes`` counts through it (its own hooks would make the
+        #: packer stand aside, and count what packing does not keep)
+        self.observer: Optional[Callable[[torch.Tensor], Any]] = None
 
     # -- registration ------------------------------------------------------------------------------
     def register(self, spikes: torch.Tensor, scale: int = 1) -> None:
@@ -143,7 +147,15 @@ class SpikePacker:
     def _pack(self, tensor: torch.Tensor) -> Any:
         scale = self._scale_of(tensor)
         if scale is None:
+            if self.observer is not None:
+                self.observer(tensor)
             return tensor
+        packed = self._packed(tensor, scale)
+        if self.observer is not None:
+            self.observer(packed.counts)
+        return packed
+
+    def _packed(self, tensor: torch.Tensor, scale: int) -> _Packed:
         # registered tensors span their whole storage; a contiguous view of it is the same values in order
         address = tensor.untyped_storage().data_ptr()
         shared = self._counts.get(address) if tensor.is_contiguous() else None

@@ -213,7 +213,8 @@ class SLTT(Rule):
         are over ``c*B`` samples, as in any multi-step call). ``1`` (default): one step per backward, the
         least memory. Larger ``c``: fewer, larger calls (faster on a GPU), ``c`` steps' activations held.
         ``"auto"``: the largest ``c`` whose saved activations fit ``max_memory``, measured on the first
-        batch (the bytes autograd saves for one step, times ``c``) and kept from then on.
+        batch (the bytes autograd keeps for one step, with spikes as ``pack_spikes`` keeps them, times
+        ``c``; ``learner.step_bytes``) and kept from then on.
     :param max_memory: the budget of ``chunk="auto"``: bytes, or a fraction (0, 1] of the device's memory
         (the GPU's total memory on CUDA, the machine's physical memory on CPU) for the activations
         autograd saves for one chunk.
@@ -312,6 +313,8 @@ class SLTT(Rule):
         self.chunk = chunk
         self.max_memory = max_memory
         self.chunk_size: Optional[int] = None if chunk == "auto" else chunk  # "auto": set by the first batch
+        #: chunk="auto": the bytes autograd kept for the measured first step (spikes packed where they are)
+        self.step_bytes: Optional[int] = None
         self.autocast = autocast
         self.scaler = scaler
         self.step_loss = resolve_step_loss(loss, plugin_answer=lambda obj: plugin_manager().hook.slr_step_loss(loss=obj))
@@ -412,6 +415,7 @@ class SLTT(Rule):
                         finite.append(torch.isfinite(loss_c))  # checked once per batch: no sync per step
                         starts.append(a)
                         if measure:
+                            self.step_bytes = saved.total
                             self.chunk_size = self._auto_chunk(saved.total, x_seq)
                         total = loss_c.detach().clone() if total is None else total + loss_c.detach()
                         for out in outs:
@@ -487,7 +491,7 @@ class SLTT(Rule):
         if not measure:
             return contextlib.nullcontext()
         buffers = [b for b in self.model.buffers()]
-        return SavedBytes(storage_keys([x_seq, *self.model.parameters(), *buffers]))
+        return SavedBytes(storage_keys([x_seq, *self.model.parameters(), *buffers]), packer=self.packer)
 
     def _auto_chunk(self, step_bytes: int, x_seq: torch.Tensor) -> int:
         """``chunk="auto"``: the most steps whose saved activations (``step_bytes`` each) fit the budget."""
