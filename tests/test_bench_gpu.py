@@ -214,3 +214,18 @@ def test_benchmark_network_trains_the_same_with_emulated_cuda_graphs(gpu, monkey
     assert learner.graphs.off is None and sum(g.replays for g in made) > 0
     assert graphed == eager
     assert all(torch.equal(a, b) for a, b in zip(eager_model.parameters(), model.parameters()))
+
+
+def test_step_memory_counts_what_one_online_step_keeps(tmp_path):
+    # benchmarks/step_memory.py at a small size: this plugin's online step keeps under half of what
+    # SpikingJelly's own online SLTT keeps (spikes as 1-byte counts, no membrane for batch-norm-fed
+    # neurons), and never more than it even without packing and rebuilding
+    spec = importlib.util.spec_from_file_location("step_memory_under_test", ROOT / "benchmarks" / "step_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "step_memory.json"
+    assert bench.main(["--batches", "4", "--width", "0.125", "--size", "16", "--threads", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["batch_size"] == 4 and row["sj_online"] > 0
+    assert row["sltt"] < 0.5 * row["sj_online"]
+    assert row["sltt"] < row["sltt_plain"] <= row["sj_online"]
