@@ -66,10 +66,6 @@ class _Neuron:
     #: directly, without an autograd Function call per step (the CUDA kernels assume the same)
     heaviside: bool = False
 
-    def spike(self, z: torch.Tensor) -> torch.Tensor:
-        """The surrogate's forward (no gradient): the spikes of ``z = H - V_th``."""
-        return (z >= 0).to(z.dtype) if self.heaviside else self.surrogate_function(z).detach()
-
     def fire(self, h: torch.Tensor, out: torch.Tensor) -> None:
         """The spikes of ``H`` into ``out``. A Heaviside surrogate compares directly: ``H - V_th >= 0``
         exactly when ``H >= V_th`` (IEEE subtraction rounds to zero only for equal operands and keeps the
