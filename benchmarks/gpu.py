@@ -14,6 +14,8 @@ batch B in {32, 128}. The methods:
 * ``sltt_auto``  -- the same with ``chunk="auto"`` and ``max_memory=--auto-max-memory``.
 * ``sltt_k2``    -- SLTT-2 (``K=2``, chunk 1).
 * ``sltt_fused`` -- zero-change mode: ``slr.wrap(model, rule="sltt")`` and the user's BPTT loop unchanged.
+* ``sltt_c1_plain``, ``sltt_fused_plain`` -- chunk 1 and zero-change mode with ``pack_spikes=False,
+  recompute_membrane=False``: what the two memory options cost in time and save in memory on a GPU.
 
 Every (method, T, B) cell runs in a fresh worker process (``--in-process``: all in this one, which on CUDA
 saves the interpreter start, CUDA context and kernel compilation per cell; the peak is reset per cell; on
@@ -51,7 +53,7 @@ loguru`` (both are pure-Python wheels), carry ``.whl`` there, and run ``python3 
 SpikingJelly's pip wheel has no prebuilt native CUDA operators (they need a source build with
 ``SJ_BUILD_NATIVE_CUDA=1``), so on CUDA its ``auto`` choice is then Triton; the JSON records the chosen
 implementation and why the others were unavailable (``config.sj_bptt_lif_implementation``), and which
-path this plugin's neurons took (``sltt_neuron_path``: fused multi-step or stepped). The full grid is 36
+path this plugin's neurons took (``sltt_neuron_path``: fused multi-step or stepped). The full grid is 44
 cells, each a fresh process (start-up, CUDA context and Triton compilation included): where one command
 may run only 10 minutes, repeat the same command with ``--resume`` until every cell is in (the JSON is
 rewritten after every cell, and ``--resume`` runs only the missing ones), or run it ``--in-process``.
@@ -85,7 +87,9 @@ from memory_vs_T import (  # noqa: E402  (shared probes and the worker launcher:
 )
 
 METHODS = ("sj_bptt", "sj_memopt", "sj_online", "sltt_c1", "sltt_c2", "sltt_c5", "sltt_auto", "sltt_k2",
-           "sltt_fused")
+           "sltt_fused", "sltt_c1_plain", "sltt_fused_plain")
+#: the ``*_plain`` methods: without the two memory options whose time a GPU has yet to show
+PLAIN = {"pack_spikes": False, "recompute_membrane": False}
 SLTT_CHUNKS = {"sltt_c1": 1, "sltt_c2": 2, "sltt_c5": 5}
 FULL_TS, FULL_BATCHES = (10, 20), (32, 128)
 QUICK_TS, QUICK_BATCHES, QUICK_WIDTH, QUICK_SIZE = (4,), (4,), 0.125, 16
@@ -102,6 +106,7 @@ METHOD_LABELS = {
     "sj_bptt": "SJ BPTT", "sj_memopt": "SJ memopt", "sj_online": "SJ online SLTT",
     "sltt_c1": "SLTT chunk 1", "sltt_c2": "SLTT chunk 2", "sltt_c5": "SLTT chunk 5", "sltt_auto": "SLTT chunk auto",
     "sltt_k2": "SLTT-2", "sltt_fused": "zero-change fused SLTT",
+    "sltt_c1_plain": "SLTT chunk 1, unpacked", "sltt_fused_plain": "zero-change fused SLTT, unpacked",
 }
 OK, OOM, NA, ERROR = "ok", "OOM", "n/a", "error"
 
@@ -343,11 +348,14 @@ def method_settings(method: str, args) -> Dict[str, Any]:
         return {**common, "model": "SLTTLIFNode single-step",
                 "driver": "learning.online_learning.ottt_online_training(online=False)",
                 "loss": "CE(out[t], y) / T per step"}
-    if method == "sltt_fused":
-        return {**common, "wrap": {"rule": "sltt", "fused": True}, "mode": "zero-change, the user's BPTT loop"}
+    if method in ("sltt_fused", "sltt_fused_plain"):
+        wrap = {"rule": "sltt", "fused": True, **(PLAIN if method == "sltt_fused_plain" else {})}
+        return {**common, "wrap": wrap, "mode": "zero-change, the user's BPTT loop"}
     wrap: Dict[str, Any] = {"rule": "sltt", "optimizer": "SGD", "loss": "ce"}
     if method in SLTT_CHUNKS:
         wrap["chunk"] = SLTT_CHUNKS[method]
+    elif method == "sltt_c1_plain":
+        wrap.update(chunk=1, **PLAIN)
     elif method == "sltt_auto":
         wrap.update(chunk="auto", max_memory=parse_budget(args.auto_max_memory))
     elif method == "sltt_k2":
@@ -438,7 +446,7 @@ def run_worker(args) -> Dict[str, Any]:
                               "baseline_mb": baseline / MB, "settings": method_settings(method, args)}
     learner = None
     setup_start = time.perf_counter()
-    if method in ("sj_bptt", "sj_memopt", "sltt_fused"):
+    if method in ("sj_bptt", "sj_memopt", "sltt_fused", "sltt_fused_plain"):
         if method == "sj_memopt":
             def example_forward(m):
                 with torch.no_grad():  # level 1 probes shapes and binariness only
@@ -446,8 +454,10 @@ def run_worker(args) -> Dict[str, Any]:
 
             optimize_memory(model, (layer.Conv2d, neuron.LIFNode), example_forward, level=1)
             functional.reset_net(model)
-        elif method == "sltt_fused":
-            learner = slr.wrap(model, rule="sltt", fused=True)
+        elif method.startswith("sltt_fused"):
+            wrap = dict(result["settings"]["wrap"])
+            wrap.pop("rule")
+            learner = slr.wrap(model, rule="sltt", **wrap)
 
         def train_batch() -> float:  # the user's own BPTT loop
             optimizer.zero_grad(set_to_none=True)

@@ -65,7 +65,7 @@ tests() {
 
 graphs() {
   $(limit "${1:-0}") python3 benchmarks/gpu.py --in-process --resume --allow-errors --timed 5 --cuda-graphs ${SLR_GRID_ARGS:-} \
-    --methods sj_bptt sltt_c1 sltt_c2 sltt_c5 sltt_auto sltt_k2 \
+    --methods sj_bptt sltt_c1 sltt_c2 sltt_c5 sltt_auto sltt_k2 sltt_c1_plain \
     --out "$out/gpu_graphs.json" 2>&1 | tee "$out/gpu_graphs.log"
   rm -f "$out/gpu_graphs.png"  # at most 8 files come back; gpu.py --plot-only redraws it from the JSON
 }
