@@ -162,12 +162,18 @@ def main(argv=None) -> int:
     rows = measure(args)
     table = markdown(rows)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"cpu, {args.threads} threads"
-    print(f"\nDevice: {device}; one step of input {args.shape}; median of {args.rounds} interleaved rounds\n")
+    sys.path.insert(0, HERE)
+    from gpu import sj_lif_implementation  # which LIF kernel SpikingJelly bound (after the runs above)
+
+    sj_lif = sj_lif_implementation(torch.device(args.device))
+    print(f"\nDevice: {device}; one step of input {args.shape}; median of {args.rounds} interleaved rounds; "
+          f"SpikingJelly's LIF implementation: {sj_lif.get('active')}\n")
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": {**vars(args), "device_name": device, "torch": torch.__version__,
-                              "snn_localrules": slr.__version__}, "rows": rows, "table_markdown": table}, f, indent=1)
+                              "snn_localrules": slr.__version__, "sj_lif_implementation": sj_lif},
+                   "rows": rows, "table_markdown": table}, f, indent=1)
     print(f"\nJSON: {args.out}")
     return 0
 
