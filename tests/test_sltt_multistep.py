@@ -201,6 +201,31 @@ def test_forward_equals_spikingjelly_with_thresholds_the_dtype_cannot_hold(kind,
     assert torch.equal(v_seq, node.v_seq) and torch.equal(v, node.v), "membranes differ from SpikingJelly's"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("v_reset", [None, -0.1], ids=["soft", "hard-0.1"])
+def test_torch_path_rounds_a_threshold_as_spikingjellys_operations_do(v_reset, dtype, device):
+    # SpikingJelly's torch operations, written out step by step on the same device, against the fused
+    # function's torch path: in half precision a fused add may take its scalar in float32 (CUDA does) where
+    # SpikingJelly's product rounds the threshold to the dtype first; the fused path must round it too
+    sg = surrogate.Sigmoid()
+    x = (make_input(dtype) * 0.5).to(device)
+    r = 0.0 if v_reset is None else v_reset
+    v = torch.full_like(x[0], r)
+    spikes, voltages = [], []
+    for t in range(T):
+        h = v + (x[t] - (v - r)) / TAU if r else v + (x[t] - v) / TAU
+        s = (h - 0.3 >= 0).to(dtype)
+        v = h - s * 0.3 if v_reset is None else s * v_reset + (1.0 - s) * h
+        spikes.append(s)
+        voltages.append(v)
+    got, _, v_seq = sltt_multi_step(x, r, "lif", surrogate_function=sg, tau=TAU, v_threshold=0.3, v_reset=v_reset,
+                                    detach_reset=True, store_v_seq=True, backend="torch")
+    _spike_rate_ok(got)
+    assert torch.equal(got, torch.stack(spikes)) and torch.equal(v_seq, torch.stack(voltages))
+
+
 # ------------------------------------------------------------------------------------------------------
 # backward: equal to the per-step reference
 # ------------------------------------------------------------------------------------------------------

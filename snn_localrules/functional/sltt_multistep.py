@@ -28,6 +28,7 @@ the reset feeds nothing else.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple, Union
 
@@ -96,6 +97,14 @@ def _charge(cfg: _Neuron, x: torch.Tensor, v: torch.Tensor, k: Optional[torch.Te
         torch.add(torch.sub(v, scaled, out=scaled), x, out=out)
 
 
+@functools.lru_cache(maxsize=64)
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` as a tensor of ``dtype`` holds it: what ``spike * value`` is for a spike of 1. A fused
+    ``h + alpha * spike`` may take ``alpha`` in float32 (CUDA does for half precision), so the threshold is
+    rounded first; float32 and float64 keep it as SpikingJelly's products do."""
+    return float(torch.tensor(value, dtype=dtype)) if dtype in (torch.float16, torch.bfloat16) else value
+
+
 def _reset(cfg: _Neuron, h: torch.Tensor, spike: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """V after the spike, a new tensor (or ``out``, which must not be ``h``). Soft: ``H - s * theta``; hard:
     ``s * V_reset + (1 - s) * H``. With Heaviside spikes (0 or 1) every product is exact and one term of the
@@ -108,7 +117,7 @@ def _reset(cfg: _Neuron, h: torch.Tensor, spike: torch.Tensor, out: Optional[tor
             v = spike * cfg.v_reset + (1.0 - spike) * h
         return v if out is None else out.copy_(v)
     if cfg.v_reset is None:
-        return torch.add(h, spike, alpha=-cfg.v_threshold, out=out)
+        return torch.add(h, spike, alpha=-_in_dtype(cfg.v_threshold, h.dtype), out=out)
     v = torch.sub(1.0, spike, out=out).mul_(h)
     return v.add_(spike, alpha=cfg.v_reset) if cfg.v_reset != 0.0 else v
 
@@ -124,7 +133,7 @@ def _dh_dk(cfg: _Neuron, charged: torch.Tensor, spike: Optional[torch.Tensor], v
     if charged.shape[0] > 1:
         if spike is None and cfg.heaviside and cfg.v_reset is None:
             cfg.fire(charged[:-1], out=out[1:])  # the spikes first, then H - s * theta over them
-            torch.add(charged[:-1], out[1:], alpha=-cfg.v_threshold, out=out[1:])
+            torch.add(charged[:-1], out[1:], alpha=-_in_dtype(cfg.v_threshold, charged.dtype), out=out[1:])
         else:
             previous = spike[:-1] if spike is not None else torch.empty_like(charged[:-1])
             if spike is None:
