@@ -210,7 +210,12 @@ def test_torch_path_rounds_a_threshold_as_spikingjellys_operations_do(v_reset, d
     # function's torch path: in half precision a fused add may take its scalar in float32 (CUDA does) where
     # SpikingJelly's product rounds the threshold to the dtype first; the fused path must round it too
     sg = surrogate.Sigmoid()
-    x = (make_input(dtype) * 0.5).to(device)
+    x = make_input(dtype) * 0.5
+    if v_reset is None:  # H = X / tau at step 0: some H at the threshold as the dtype holds it, and beside it
+        theta = torch.tensor(0.3, dtype=dtype)
+        x[0, 0, :3] = torch.stack((theta, torch.nextafter(theta, torch.ones((), dtype=dtype)),
+                                   torch.nextafter(theta, torch.zeros((), dtype=dtype)))) * TAU
+    x = x.to(device)
     r = 0.0 if v_reset is None else v_reset
     v = torch.full_like(x[0], r)
     spikes, voltages = [], []

@@ -70,9 +70,15 @@ class _Neuron:
     def fire(self, h: torch.Tensor, out: torch.Tensor) -> None:
         """The spikes of ``H`` into ``out``. A Heaviside surrogate compares directly: ``H - V_th >= 0``
         exactly when ``H >= V_th`` (IEEE subtraction rounds to zero only for equal operands and keeps the
-        sign; tested at the threshold in every dtype), one pass with no temporaries."""
+        sign; tested at the threshold in every dtype), one pass with no temporaries. In half precision the
+        subtraction stays: whether a kernel takes the scalar ``V_th`` in the tensor's dtype or in float32
+        (for 0.3 two different numbers) may differ between the subtraction and the comparison, and between
+        devices, so the spikes are SpikingJelly's own operation."""
         if self.heaviside:
-            torch.ge(h, self.v_threshold, out=out)
+            if h.dtype in (torch.float16, torch.bfloat16):
+                torch.ge(h - self.v_threshold, 0, out=out)
+            else:
+                torch.ge(h, self.v_threshold, out=out)
         else:
             out.copy_(self.surrogate_function(h - self.v_threshold).detach())
 
