@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -163,17 +162,16 @@ def main(argv=None) -> int:
     table = markdown(rows)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"cpu, {args.threads} threads"
     sys.path.insert(0, HERE)
-    from gpu import sj_lif_implementation  # which LIF kernel SpikingJelly bound (after the runs above)
+    from gpu import sj_lif_implementation, write_json  # which LIF kernel SpikingJelly bound (after the runs)
 
     sj_lif = sj_lif_implementation(torch.device(args.device))
     print(f"\nDevice: {device}; one step of input {args.shape}; median of {args.rounds} interleaved rounds; "
           f"SpikingJelly's LIF implementation: {sj_lif.get('active')}\n")
     print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"config": {**vars(args), "device_name": device, "torch": torch.__version__,
-                              "snn_localrules": slr.__version__, "sj_lif_implementation": sj_lif},
-                   "rows": rows, "table_markdown": table}, f, indent=1)
+    write_json(os.path.abspath(args.out), {
+        "config": {**vars(args), "device_name": device, "torch": torch.__version__,
+                   "snn_localrules": slr.__version__, "sj_lif_implementation": sj_lif},
+        "rows": rows, "table_markdown": table})
     print(f"\nJSON: {args.out}")
     return 0
 

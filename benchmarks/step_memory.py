@@ -22,7 +22,6 @@ the forward and backward of one step at B=128 take a few seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Dict, List
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from gpu import CLASSES, IN_CHANNELS, SPIKE_PROB
+    from gpu import CLASSES, IN_CHANNELS, SPIKE_PROB, write_json
 
     torch.set_num_threads(args.threads)
     rows: List[Dict[str, Any]] = []
@@ -102,9 +101,7 @@ def main(argv=None) -> int:
     print(f"\nBytes kept for one step's backward, VGG-11 width {args.width}, 2x{args.size}x{args.size} "
           f"(ratios to SpikingJelly's online SLTT):\n")
     print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "rows": rows, "table_markdown": table}, f, indent=1)
+    write_json(os.path.abspath(args.out), {"config": vars(args), "rows": rows, "table_markdown": table})
     print(f"\nJSON: {args.out}")
     return 0
 

@@ -40,11 +40,10 @@ class SavedBytes:
         return sum(self.storages.values())
 
     def __enter__(self) -> "SavedBytes":
-        from .functional.spike_pack import _other_hooks_active
+        from .functional.spike_pack import can_push
 
-        # the packer pushes its hooks when the model's forward starts, unless other hooks are active now
-        compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-        if self.packer is not None and self.packer.observer is None and not _other_hooks_active() and not compiling:
+        # the packer pushes its hooks when the model's forward starts, if it could now
+        if self.packer is not None and self.packer.observer is None and can_push():
             self.packer.observer, self._observing = self.pack, True
             return self
         self._context = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)

@@ -112,7 +112,8 @@ def _in_dtype(value: float, dtype: torch.dtype) -> float:
 
 
 def _reset(cfg: _Neuron, h: torch.Tensor, spike: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """V after the spike, a new tensor (or ``out``, which must not be ``h``). Soft: ``H - s * theta``; hard:
+    """V after the spike, a new tensor (or ``out``, which must not be ``h``, and may be ``spike`` only for a
+    soft Heaviside reset, a single add). Soft: ``H - s * theta``; hard:
     ``s * V_reset + (1 - s) * H``. With Heaviside spikes (0 or 1) every product is exact and one term of the
     hard sum is zero, so the fewer passes below give SpikingJelly's numbers (up to the sign of a zero
     membrane); other surrogates' outputs take SpikingJelly's own operations."""
@@ -137,14 +138,13 @@ def _dh_dk(cfg: _Neuron, charged: torch.Tensor, spike: Optional[torch.Tensor], v
     out = torch.empty_like(charged)
     out[0] = v_init
     if charged.shape[0] > 1:
-        if spike is None and cfg.heaviside and cfg.v_reset is None:
-            cfg.fire(charged[:-1], out=out[1:])  # the spikes first, then H - s * theta over them
-            torch.add(charged[:-1], out[1:], alpha=-_in_dtype(cfg.v_threshold, charged.dtype), out=out[1:])
-        else:
-            previous = spike[:-1] if spike is not None else torch.empty_like(charged[:-1])
-            if spike is None:
-                cfg.fire(charged[:-1], out=previous)
-            _reset(cfg, charged[:-1], previous, out=out[1:])
+        previous = spike[:-1] if spike is not None else None
+        if previous is None:
+            # a soft Heaviside reset is one add that reads each spike once: the spikes can go where V goes
+            into_out = cfg.heaviside and cfg.v_reset is None
+            previous = out[1:] if into_out else torch.empty_like(charged[:-1])
+            cfg.fire(charged[:-1], out=previous)
+        _reset(cfg, charged[:-1], previous, out=out[1:])
     if cfg.reset_value != 0.0:
         out.sub_(cfg.reset_value)
     return torch.sub(x_seq, out, out=out) if cfg.decay_input else out.neg_()

@@ -36,6 +36,13 @@ def _other_hooks_active() -> bool:
     return top(False) is not None
 
 
+def can_push() -> bool:
+    """Whether a packer entered now pushes its hooks: not while other saved-tensor hooks are active, nor
+    while torch compiles a graph (then it stands aside and theirs, or the graph's, run unchanged)."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    return not compiling and not _other_hooks_active()
+
+
 #: the most values a pooled window may average (its counts must fit uint8, and be exact in bfloat16)
 _MAX_SCALE = 128
 
@@ -183,8 +190,7 @@ class SpikePacker:
         self._depth += 1
         if self._depth > 1:
             return
-        compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-        if compiling or _other_hooks_active():
+        if not can_push():
             return
         torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
         self._pushed = True
