@@ -229,3 +229,23 @@ def test_step_memory_counts_what_one_online_step_keeps(tmp_path):
     assert row["batch_size"] == 4 and row["sj_online"] > 0
     assert row["sltt"] < 0.5 * row["sj_online"]
     assert row["sltt"] < row["sltt_plain"] <= row["sj_online"]
+
+
+def test_step_ops_counts_forward_and_backward_of_every_step(tmp_path):
+    # benchmarks/step_ops.py at T=4: the counter sees the backward's operations too (one conv backward per
+    # conv per chunk: a chunk of 2 steps runs each conv once on both), chunks of 2 dispatch fewer operations per step than chunk 1, and packing and the
+    # membrane rebuild add kernels (the copies to and from uint8, the batch norm run again)
+    spec = importlib.util.spec_from_file_location("step_ops_under_test", ROOT / "benchmarks" / "step_ops.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "step_ops.json"
+    methods = ["sltt_c1", "sltt_c1_plain", "sltt_c2"]
+    assert bench.main(["--T", "4", "--rounds", "1", "--warmup", "0", "--methods", *methods, "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    convs = 8  # gpu.py's VGG-11
+    for method, row in rows.items():
+        assert row["host_ms_per_step"] > 0 and row["other_ops_per_step"] > 0
+        assert row["ops"]["aten.convolution_backward"] == convs * 4 // bench.METHODS[method]["chunk"]
+    c1, plain, c2 = (rows[m]["kernel_ops_per_step"] for m in methods)
+    assert c2 < c1 and plain < c1
+    assert rows["sltt_c1"]["ops"]["aten.native_batch_norm"] == 2 * rows["sltt_c1_plain"]["ops"]["aten.native_batch_norm"]

@@ -60,17 +60,18 @@ def _norm(kind: str, dtype) -> nn.Module:
     return bn
 
 
-def _conv_output(dtype, seed=0):
+def _conv_output(dtype, seed=0, steps=T):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(T, B, C, L, generator=g, dtype=torch.float64) * 1.3 + 0.4).to(dtype)
+    return (torch.randn(steps, B, C, L, generator=g, dtype=torch.float64) * 1.3 + 0.4).to(dtype)
 
 
-def _run(kind, cfg_rest, norm_kind, dtype, sg, derivative, rebuild, use_v_outputs, w0):
+def _run(kind, cfg_rest, norm_kind, dtype, sg, derivative, rebuild, use_v_outputs, w0, steps=T, kept=None):
     """Gradients of the norm's input, weight, bias and of w, through norm -> neuron; ``rebuild``: the fused
-    node with the norm as its source, else the per-step reference."""
+    node with the norm as its source, else the per-step reference. ``kept``: a list that gets the shapes of
+    the tensors the fused node saved."""
     decay, v_reset, detach = cfg_rest
     bn = _norm(norm_kind, dtype)
-    x = _conv_output(dtype).requires_grad_(True)
+    x = _conv_output(dtype, steps=steps).requires_grad_(True)
     w = w0.detach().clone().requires_grad_(True) if w0 is not None else None
     v0 = 0.0
     if rebuild:
@@ -88,6 +89,8 @@ def _run(kind, cfg_rest, norm_kind, dtype, sg, derivative, rebuild, use_v_output
             norms.exit()
             handle.remove()
         assert spikes.grad_fn.norm is not None, "the node kept its membrane"
+        if kept is not None:
+            kept.extend(tuple(t.shape) for t in spikes.grad_fn.saved_tensors if t is not None)
     else:
         y = bn(x)
         spikes, v, v_seq = reference_sltt(kind, y, torch.zeros_like(y[0]), decay, v_reset, detach, sg, w=w)
@@ -123,6 +126,29 @@ def test_rebuilt_membrane_gradients_equal_the_reference(cfg, norm_kind, dtype, u
     assert got.keys() == ref.keys()
     for name in ref:
         _assert_rel_close(got[name], ref[name], name)
+
+
+@pytest.mark.parametrize("use_v_outputs", [False, True], ids=["spikes", "spikes+v"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
+def test_one_rebuilt_step_keeps_spikes_only_for_a_hard_reset(cfg, use_v_outputs):
+    # chunk 1 of online SLTT: one step per call. Charging one step again needs no reset, so a soft reset's
+    # node keeps no spikes (its backward never reads them); a hard reset's route to V reads them
+    kind, v_reset, decay, detach = cfg
+    sg = surrogate.Sigmoid(alpha=4.0)
+    w0 = plif_w(torch.float64) if kind == "plif" else None
+    args = (kind, (decay, v_reset, detach), "batch", torch.float64, sg, surrogate_derivative(sg))
+    ref_spikes, ref = _run(*args, rebuild=False, use_v_outputs=use_v_outputs, w0=w0, steps=1)
+    kept = []
+    spikes, got = _run(*args, rebuild=True, use_v_outputs=use_v_outputs, w0=w0, steps=1, kept=kept)
+    assert torch.equal(spikes, ref_spikes) and 0 < float(spikes.mean()) < 1
+    for name in ref:
+        if name == "w" and not decay and not bool(ref["w"].any()):
+            # without decay_input dH/dk is -(V[-1] - V_reset), and the first step's V[-1] is V_reset here
+            assert torch.equal(got["w"], ref["w"])
+        else:
+            _assert_rel_close(got[name], ref[name], name)
+    # the norm's input, and the spikes for a hard reset
+    assert kept.count((1, B, C, L)) == (1 if v_reset is None else 2)
 
 
 def test_channel_dim_accepts_only_the_plain_batch_norm_formula():

@@ -197,7 +197,11 @@ class SLTTMultiStep(torch.autograd.Function):
             if packer is not None:
                 packer.register(spikes)  # before it is saved: packed once, shared with the next layer
             ctx.norm = (source.eps, source.channel_dim, x_seq.shape)
-            ctx.save_for_backward(*source.tensors(), spikes, v_init if v_fill is None else None, k)
+            # backward charges again with the forward's spikes in the resets between steps, and a hard
+            # reset's route to V needs them at the last step too; one step with a soft reset needs none
+            keep_spikes = x_seq.shape[0] > 1 or cfg.v_reset is not None
+            ctx.save_for_backward(*source.tensors(), spikes if keep_spikes else None,
+                                  v_init if v_fill is None else None, k)
             return spikes, v, v_seq
         # the input is needed only for PLIF's d H / d k with decay_input (X[t] - (V[t-1] - V_reset))
         keep_x = ctx.plif_grad and cfg.decay_input
@@ -263,11 +267,14 @@ def _charge_again(cfg: _Neuron, x_seq: torch.Tensor, v_init: torch.Tensor, k: Op
     """H of every step, into ``out`` (which may be ``x_seq``: step t reads X[t] before writing H[t]), from
     the input and the forward's spikes: the forward's recurrence, with the saved spikes in the resets (a
     rebuilt H within rounding of the threshold cannot fire differently). ``spikes`` None: the input is the
-    forward's own, so the same operations give the same H, and each step's spikes are taken again from it."""
-    v = v_init
-    fired = torch.empty_like(x_seq[0]) if spikes is None else None
-    for t in range(x_seq.shape[0]):
+    forward's own, so the same operations give the same H, and each step's spikes are taken again from it;
+    or there is one step, whose H needs no reset."""
+    v, last = v_init, x_seq.shape[0] - 1
+    fired = torch.empty_like(x_seq[0]) if spikes is None and last > 0 else None
+    for t in range(last + 1):
         _charge(cfg, x_seq[t], v, k, out=out[t])
+        if t == last:
+            break  # the last step's reset feeds no H of this call
         if fired is not None:
             cfg.fire(out[t], out=fired)
         v = _reset(cfg, out[t], spikes[t] if fired is None else fired)
