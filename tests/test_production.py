@@ -1,6 +1,5 @@
 """Production use of online SLTT: torch.distributed (2 gloo processes), mixed precision, checkpoints."""
 import os
-import socket
 import tempfile
 
 import pytest
@@ -19,10 +18,10 @@ def _data(seed=1, batches=1):
     return [((torch.rand(T, B, 12, generator=g) * 2.5), torch.randint(0, 5, (B,), generator=g)) for _ in range(batches)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(tmp_path) -> str:
+    """A file the processes of one test meet at: a TCP port picked free can be taken by another process
+    before the first rank binds it; a file in the test's own directory cannot."""
+    return f"file://{tmp_path / 'rendezvous'}"
 
 
 def _fresh_model(step_mode):
@@ -31,13 +30,13 @@ def _fresh_model(step_mode):
 
 
 # -- torch.distributed ---------------------------------------------------------------------------
-def _counting_ddp(rank, world, port, net):
+def _counting_ddp(rank, world, rendezvous, net):
     """Join a 2-process gloo group and wrap ``net`` in DDP whose all-reduces are counted."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     model = DDP(net)
     reductions = []
 
@@ -50,10 +49,10 @@ def _counting_ddp(rank, world, port, net):
     return model, reductions
 
 
-def _ddp_worker(rank, world, port, step_mode, K, chunk, out_dir):
+def _ddp_worker(rank, world, rendezvous, step_mode, K, chunk, out_dir):
     import torch.distributed as dist
 
-    model, reductions = _counting_ddp(rank, world, port, _fresh_model(step_mode))
+    model, reductions = _counting_ddp(rank, world, rendezvous, _fresh_model(step_mode))
     try:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         learner = slr.wrap(model, rule="sltt", optimizer=optimizer, K=K, seed=3, chunk=chunk)
@@ -76,7 +75,7 @@ def _ddp_worker(rank, world, port, step_mode, K, chunk, out_dir):
 def test_ddp_two_processes_match_single_process_on_the_whole_batch(tmp_path, step_mode, K, chunk):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), step_mode, K, chunk, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _rendezvous(tmp_path), step_mode, K, chunk, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "ddp.pt")
 
     model = _fresh_model(step_mode)
@@ -280,10 +279,10 @@ def _tp_learner(model, label_batch, **kwargs):
     return slr.wrap(model, rule="tp", optimizer=optimizer, num_classes=5, seed=2, label_batch=label_batch, **kwargs)
 
 
-def _tp_ddp_worker(rank, world, port, step_mode, label_batch, global_contrast, split, out_dir):
+def _tp_ddp_worker(rank, world, rendezvous, step_mode, label_batch, global_contrast, split, out_dir):
     import torch.distributed as dist
 
-    model, reductions = _counting_ddp(rank, world, port, _tp_model(step_mode))
+    model, reductions = _counting_ddp(rank, world, rendezvous, _tp_model(step_mode))
     try:
         learner = _tp_learner(model, label_batch, global_contrast=global_contrast)
         per_batch = []
@@ -304,7 +303,7 @@ def _tp_ddp_worker(rank, world, port, step_mode, label_batch, global_contrast, s
 def _run_tp_ddp(tmp_path, step_mode="s", label_batch="concat", global_contrast=None, split=B // 2):
     import torch.multiprocessing as mp
 
-    mp.spawn(_tp_ddp_worker, args=(2, _free_port(), step_mode, label_batch, global_contrast, split, str(tmp_path)),
+    mp.spawn(_tp_ddp_worker, args=(2, _rendezvous(tmp_path), step_mode, label_batch, global_contrast, split, str(tmp_path)),
              nprocs=2, join=True)
     return [torch.load(tmp_path / f"tp{rank}.pt") for rank in (0, 1)]
 
