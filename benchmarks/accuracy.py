@@ -231,9 +231,7 @@ def main(argv=None) -> int:
             results.append({"model": model, "rule": rule, "error": done.stderr.strip().splitlines()[-1:]})
             continue
         results.append(json.loads(lines[-1][len(RESULT_TAG):]))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    plotting.write_json(args.out, {"args": vars(args), "results": results})
     names = {"bptt": "BPTT", "sltt": "SLTT", "sltt_k": f"SLTT-{args.K}", "tp": "TP"}
     r0 = next((r for r in results if "error" not in r), {})
     print(f"\nN-MNIST-like events from MNIST-5k ({r0.get('train')} train / {r0.get('test')} held-out), "

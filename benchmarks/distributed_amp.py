@@ -27,12 +27,14 @@ import warnings
 from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import plotting  # noqa: E402  (benchmarks/ is a folder of scripts; this sits beside them)
+
 DEFAULT_OUT = os.path.join(HERE, "results", "distributed_amp.json")
 RESULT_TAG = "RESULT "
 
 
 def _model():
-    sys.path.insert(0, HERE)
     from memory_vs_T import build_model  # the same VGG-like SNN as the memory table
 
     return build_model(sltt_nodes=False, tau=2.0)
@@ -121,10 +123,9 @@ def _ddp_worker(rank: int, world: int, port: int, args, mode: str, out: str) -> 
             times.append(time.perf_counter() - start)
     batches = 1 + args.batches
     if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"s_per_batch": statistics.median(times), "allreduce_calls": len(calls) / batches,
-                       "allreduce_mb": sum(calls) / batches / 2 ** 20,
-                       "allgather_mb": sum(gathered) / batches / 2 ** 20}, f)
+        plotting.write_json(out, {"s_per_batch": statistics.median(times), "allreduce_calls": len(calls) / batches,
+                                  "allreduce_mb": sum(calls) / batches / 2 ** 20,
+                                  "allgather_mb": sum(gathered) / batches / 2 ** 20})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -240,9 +241,7 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     for name, r in amp.items():
         print(f"| {name} | {r['s_per_batch']:.3f} | {r['peak_growth_mb']:.1f} MB |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "distributed": results, "amp": amp}, f, indent=2)
+    plotting.write_json(args.out, {"args": vars(args), "distributed": results, "amp": amp})
     print(f"JSON: {args.out}")
     return 0
 

@@ -772,14 +772,6 @@ def fingerprint(config: Dict) -> Dict:
     return {k: config.get(k) for k in keys}
 
 
-def write_json(path: str, payload: Dict) -> None:
-    """Write ``payload`` to ``path`` through a temporary file, so that a kill mid-write leaves the old file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def parent_main(args) -> int:
     Ts, batches = list(args.Ts), list(args.batches)
     methods = list(args.methods)
@@ -822,7 +814,7 @@ def parent_main(args) -> int:
         line = f"{method:10s} T={T:3d} B={B:4d}: {cell_text(results, method, T, B)}"
         (tqdm.write if tqdm is not None else print)(line)
         # after every cell, so that a run stopped by a time limit loses nothing: --resume goes on from here
-        write_json(out, {"config": config, "partial": True, "results": [results[k] for k in keys if k in results]})
+        plotting.write_json(out, {"config": config, "partial": True, "results": [results[k] for k in keys if k in results]})
     wall = time.perf_counter() - wall_start
 
     done = [results[k] for k in keys if results[k].get("status") == OK]
@@ -869,7 +861,7 @@ def parent_main(args) -> int:
         print(profile_md)
     print(f"\nTotal wall time: {wall:.1f} s")
 
-    write_json(out, {"config": config, "partial": False, "memory_kind": memory_kind,
+    plotting.write_json(out, {"config": config, "partial": False, "memory_kind": memory_kind,
                      "results": [results[k] for k in keys], "checks": checks, "table_markdown": table,
                      "profile_markdown": profile_md, "total_wall_s": wall})
     print(f"Results written to {out}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import resource
 import statistics
@@ -630,8 +629,7 @@ def parent_main(args) -> int:
         "table_glibc_memory_markdown": "\n".join(glibc_lines),
         "total_wall_s": wall,
     }
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=2)
+    plotting.write_json(out, payload)
     print(f"Results written to {out}")
     print(try_plot(results, Ts, methods, os.path.splitext(out)[0] + ".png"))
     # memopt is allowed to fail (its error is then the table entry); the others are not

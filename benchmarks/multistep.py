@@ -43,9 +43,10 @@ from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import plotting  # noqa: E402
 from memory_vs_T import (  # noqa: E402  (shared probes and network constants, one definition)
-    CLASSES, CONTENDED, CONV_CHANNELS, HIDDEN, IN_CHANNELS, MB, MMAP_THRESHOLD, SIZE, SPIKE_PROB,
-    current_rss_bytes, launch_worker, make_optimizer, merge_time_and_memory, peak_rss_bytes, system_cpu_seconds, wait_until_idle,
+    CLASSES, CONTENDED, CONV_CHANNELS, HIDDEN, IN_CHANNELS, MB, SIZE, SPIKE_PROB, current_rss_bytes,
+    launch_worker, make_optimizer, merge_time_and_memory, peak_rss_bytes, system_cpu_seconds,
 )
 
 METHODS = ("bptt", "sltt_fused", "sltt_fused_keepmem", "sltt_fused_nopack", "sltt_steps", "sltt_online")
@@ -261,8 +262,7 @@ def parent_main(args) -> int:
         "table_markdown": table,
         "total_wall_s": wall,
     }
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=2)
+    plotting.write_json(out, payload)
     print(f"Results written to {out}")
     failed = [f"{m} T={T}" for (m, T), r in results.items() if r.get("error")]
     if failed:

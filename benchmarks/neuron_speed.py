@@ -162,13 +162,14 @@ def main(argv=None) -> int:
     table = markdown(rows)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"cpu, {args.threads} threads"
     sys.path.insert(0, HERE)
-    from gpu import sj_lif_implementation, write_json  # which LIF kernel SpikingJelly bound (after the runs)
+    from plotting import write_json
+    from gpu import sj_lif_implementation  # which LIF kernel SpikingJelly bound (after the runs)
 
     sj_lif = sj_lif_implementation(torch.device(args.device))
     print(f"\nDevice: {device}; one step of input {args.shape}; median of {args.rounds} interleaved rounds; "
           f"SpikingJelly's LIF implementation: {sj_lif.get('active')}\n")
     print(table)
-    write_json(os.path.abspath(args.out), {
+    write_json(args.out, {
         "config": {**vars(args), "device_name": device, "torch": torch.__version__,
                    "snn_localrules": slr.__version__, "sj_lif_implementation": sj_lif},
         "rows": rows, "table_markdown": table})

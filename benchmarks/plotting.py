@@ -1,4 +1,4 @@
-"""What the benchmark scripts' plots share: matplotlib (optional) and the --plot-only path."""
+"""What the benchmark scripts share: writing their JSON, matplotlib (optional) and the --plot-only path."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,16 @@ import sys
 from typing import Callable, Dict
 
 NO_MATPLOTLIB = "matplotlib is not installed: plot skipped (pip install snn-localrules[examples])."
+
+
+def write_json(path: str, payload: Dict, indent: int = 2) -> None:
+    """Write ``payload`` to ``path`` (its folder made if missing) through a temporary file, so that a kill
+    mid-write leaves the old file whole."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=indent)
+    os.replace(path + ".tmp", path)
 
 
 def pyplot():

@@ -33,6 +33,9 @@ import time
 from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import plotting  # noqa: E402  (benchmarks/ is a folder of scripts; this sits beside them)
+
 DEFAULT_OUT = os.path.join(HERE, "results", "soak.json")
 RESULT_TAG = "SOAK_RESULT "
 MMAP_THRESHOLD = 128 * 1024
@@ -211,9 +214,7 @@ def main(argv=None) -> int:
                                                          "object_tolerance", "inject_leak")},
                "allocator": f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}", "torch": torch.__version__,
                "python": platform.python_version(), "results": results}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=1)
+    plotting.write_json(args.out, payload, indent=1)
     print(f"\nwrote {args.out}")
     return 1 if leaked else 0
 

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from gpu import CLASSES, IN_CHANNELS, SPIKE_PROB, write_json
+    from gpu import CLASSES, IN_CHANNELS, SPIKE_PROB
+    from plotting import write_json
 
     torch.set_num_threads(args.threads)
     rows: List[Dict[str, Any]] = []

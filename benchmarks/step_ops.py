@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from gpu import write_json
+    from plotting import write_json
 
     torch.set_num_threads(1)
     batches = {m: make_batch_fn(m, args.T, args.batch_size, args.width, args.size) for m in args.methods}

@@ -12,7 +12,6 @@ online SLTT.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,6 +20,7 @@ from typing import Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import plotting  # noqa: E402
 DEFAULT_OUT = os.path.join(HERE, "results", "time_interleaved.json")
 METHODS = ("bptt", "sj_online", "sltt", "sltt_k2")  # the default set
 #: on request (--methods): online SLTT with chunk=c, and zero-change SLTT (the user's BPTT loop on the
@@ -157,10 +157,8 @@ def main(argv=None) -> int:
                     ratios.append("-")
             cells.append(f"{med[name]:.3f} ({' / '.join(ratios)})")
         print(f"| {T} | " + " | ".join(cells) + " |")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"args": vars(args), "times_s": {str(T): v for T, v in results.items()},
-                   "median_s": {str(T): v for T, v in table.items()}}, f, indent=2)
+    plotting.write_json(out, {"args": vars(args), "times_s": {str(T): v for T, v in results.items()},
+                              "median_s": {str(T): v for T, v in table.items()}})
     print(f"JSON: {out}")
     return 0
 

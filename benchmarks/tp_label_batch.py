@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plotting  # noqa: E402  (benchmarks/ is a folder of scripts; this sits beside them)
+
 TAG = "LABEL_BATCH_RESULT "
 MB = 1024.0 * 1024.0
 
@@ -115,9 +118,7 @@ def main(argv=None) -> int:
             result = json.loads(lines[-1][len(TAG):]) if lines else {"error": done.stderr.strip()[-500:]}
             print(json.dumps(result))
             results.append(result)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    plotting.write_json(args.out, {"args": vars(args), "results": results})
     print(f"JSON: {args.out}")
     return 0
 

@@ -152,9 +152,7 @@ def main(argv=None) -> int:
     except ImportError:
         configs_iter = configs
     results: List[Dict] = [run(m, T, c, args) for m, T, c in configs_iter]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    plotting.write_json(args.out, {"args": vars(args), "results": results})
 
     def get(method, T, classes):
         r = next(r for r in results if (r["method"], r["T"], r["classes"]) == (method, T, classes))

@@ -284,8 +284,6 @@ def test_dropout_draws_are_the_same_in_both_passes():
 
 
 def test_memory_bptt_grows_with_T_online_step_does_not():
-    from spikingjelly.activation_based import functional
-
     torch.manual_seed(8)
     model = sj_conv("m")
     x, y = (torch.rand(16, 4, 2, 8, 8) < 0.4).float(), torch.randint(0, 5, (4,))

@@ -1,6 +1,5 @@
 """Production use of online SLTT: torch.distributed (2 gloo processes), mixed precision, checkpoints."""
 import os
-import tempfile
 
 import pytest
 import torch
