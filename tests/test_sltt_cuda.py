@@ -1,4 +1,4 @@
-"""The CUDA kernels of the fused SLTT neuron (snn_localrules.functional.sltt_cuda).
+"""The CUDA kernels of the fused SLTT neuron (snn_localrules.kernels.sltt_cuda).
 
 Their arithmetic is tested without a GPU: the same source is built as C++ by the host compiler (one "thread"
 walks every neuron) and run on CPU tensors, against the torch implementation of
@@ -20,7 +20,7 @@ import torch
 sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
 
 from snn_localrules.adapters.spikingjelly import surrogate_derivative  # noqa: E402
-from snn_localrules.functional import sltt_cuda  # noqa: E402
+from snn_localrules.kernels import sltt_cuda  # noqa: E402
 from snn_localrules.functional.sltt_multistep import sltt_multi_step  # noqa: E402
 from test_sltt_multistep import (  # noqa: E402
     CONFIGS, TAU, THRESHOLD, _assert_rel_close, _config_id, _spike_rate_ok, make_input, plif_w,

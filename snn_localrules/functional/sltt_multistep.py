@@ -36,7 +36,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..errors import BackendError
-from . import sltt_cuda
+from ..kernels import sltt_cuda
 from .norm_recompute import NormSource, pending_source, recharge_allowed
 
 SurrogateFunction = Callable[[torch.Tensor], torch.Tensor]
@@ -422,7 +422,7 @@ def sltt_multi_step(
         surrogate's own backward (the SpikingJelly adapter passes tested formulas for its surrogates).
     :param backend: ``"auto"`` (default): ``"cupy"`` for a CUDA tensor when CuPy is installed and the
         kernels know the surrogate, else ``"torch"``. ``"torch"`` (CPU and CUDA), or ``"cupy"``: the CUDA kernels of
-        :mod:`snn_localrules.functional.sltt_cuda` (one thread per neuron, all T inside; compiled by CuPy on
+        :mod:`snn_localrules.kernels.sltt_cuda` (one thread per neuron, all T inside; compiled by CuPy on
         first use), for CUDA tensors and the SpikingJelly surrogates they know. Their arithmetic is tested
         against this torch path on the CPU (built as C++); on a GPU by ``tests/test_sltt_cuda.py``.
     :return: ``(spike_seq [T, N, ...], v_final [N, ...], v_seq [T, N, ...] or None)``.

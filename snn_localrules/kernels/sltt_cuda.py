@@ -1,11 +1,12 @@
-"""CUDA kernels (compiled by CuPy) for the fused multi-step SLTT neuron of :mod:`.sltt_multistep`.
+"""CUDA kernels (compiled by CuPy) for the fused multi-step SLTT neuron of
+:mod:`snn_localrules.functional.sltt_multistep`.
 
 One thread per neuron, a loop over T inside it (the recurrence is sequential in time, independent across
 neurons); grid-stride, so any grid covers any N. The forward writes the spikes, the final membrane, and on
 request the charged membrane H and the post-reset membrane of every step. The backward is SLTT's
-elementwise one, over all T in the same thread, from H, or from the input and the spikes when H was not kept
-(a neuron fed by a batch norm, :mod:`.norm_recompute`): it charges again on the way. PLIF's ``w`` gradient
-is summed over t per neuron here and over neurons by torch.
+elementwise one, over all T in the same thread, from H, or from the input and the spikes when H was not
+kept (a neuron fed by a batch norm, :mod:`snn_localrules.functional.norm_recompute`): it charges again on
+the way. PLIF's ``w`` gradient is summed over t per neuron here and over neurons by torch.
 
 Every arithmetic step is rounded to the storage dtype as torch's elementwise kernels round each op's result
 (``rnd``), in the order of ``sltt_multistep._charge`` / ``_reset``, so the spikes equal the torch path's bit
