@@ -18,6 +18,9 @@
 # grid and graphs fuse the multi-step neurons on CUDA (SLR_FUSED_CUDA=1, the path the GPU targets are
 # about); SLR_FUSED_CUDA=0 in the environment gives the stepped path's figures instead. At most 8 files
 # come back from $OUT: all writes exactly 8 (4 logs, 3 JSON, the grid's PNG).
+# There this checkout runs from PYTHONPATH, not installed: a dry run here must use a python3 that has the
+# dependencies but not this project's editable install (tests/test_packaging.py checks that case), or it
+# cannot show what the machine lacks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}

@@ -1,9 +1,11 @@
-"""What a user's ``pip install snn-localrules`` gets: the wheel holds every package of the source tree.
+"""The package as others get it: installed from a wheel, or run from a checkout that is not installed.
 
 The tests run against an editable install, which finds any module in the source tree whether or not the
 distribution lists it; a package missing from ``setup.cfg`` would only break a real install. So: every
 package directory is listed, and the built wheel, imported with nothing of the source tree on the path,
-has the presets, the kernels and both adapter plugins.
+has the presets, the kernels and both adapter plugins. And a checkout on ``PYTHONPATH`` with nothing
+installed (how the GPU session script runs on a lent machine) finds its ``adapters/`` folder as the
+plugins.
 """
 from __future__ import annotations
 
@@ -43,12 +45,18 @@ def test_every_package_folder_is_listed_in_setup_cfg():
     assert found == set(listed.values()), f"not in setup.cfg [options] packages: {sorted(map(str, found - set(listed.values())))}"
 
 
-def test_the_built_wheel_imports_without_the_source_tree(tmp_path):
-    pytest.importorskip("setuptools")
-    # built from a copy: setuptools builds in the tree and keeps what an earlier build left in build/lib
+def _copy_of_the_tree(tmp_path) -> Path:
+    """The checkout as a fresh clone has it: no build/ (setuptools builds in the tree and keeps what an
+    earlier build left in build/lib), no egg-info of an editable install, no environments."""
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "results", "runs", ".whl*"))
+    return source
+
+
+def test_the_built_wheel_imports_without_the_source_tree(tmp_path):
+    pytest.importorskip("setuptools")
+    source = _copy_of_the_tree(tmp_path)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
          "-q", "-w", str(tmp_path / "dist"), str(source)],
@@ -86,3 +94,44 @@ def test_the_built_wheel_imports_without_the_source_tree(tmp_path):
     # every module of this package that ran came from the wheel, adapter plugins included
     files = lines[-1].split()[1:] + [file for _, file in adapters]
     assert files and all(file.startswith(str(unpacked)) for file in files), files
+
+
+def _site_packages_without_this_project(tmp_path) -> Path:
+    """This environment's site-packages as links, less this project's own install (its metadata and the
+    editable install's path hook): what a machine that has only the dependencies offers."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not entry.name.startswith(("snn_localrules", "__editable__", "snn-localrules")):
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def test_a_source_checkout_runs_without_being_installed(tmp_path):
+    # PYTHONPATH=<checkout>, nothing installed: how benchmarks/gpu_session.sh runs on a lent GPU machine.
+    # The adapters/ folder (snn_localrules.adapters once installed) must still load as the plugins.
+    site = _site_packages_without_this_project(tmp_path)
+    source = _copy_of_the_tree(tmp_path)
+    probe = (
+        "import importlib.metadata as md, importlib.util\n"
+        "assert not [d for d in md.distributions() if d.metadata['Name'] == 'snn-localrules']\n"
+        "import snn_localrules as slr\n"
+        "from snn_localrules.plugins import plugin_manager\n"
+        "print(slr.__file__)\n"
+        "print(sorted(slr.rules()))\n"
+        "names = dict(plugin_manager().list_name_plugin())\n"
+        "for n in ('spikingjelly', 'snntorch'):\n"
+        "    if importlib.util.find_spec(n):\n"
+        "        print(n, names[n].__file__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(site)])}
+    run = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    package, rules, *adapters = run.stdout.strip().splitlines()
+    assert package == str(source / "snn_localrules" / "__init__.py")
+    assert rules == "['sltt', 'tp']"
+    assert adapters, "neither SpikingJelly nor snnTorch is installed: the adapters were not loaded"
+    for line in adapters:
+        name, file = line.split()
+        assert file == str(source / "adapters" / f"{name}.py")
