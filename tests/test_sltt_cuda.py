@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -160,11 +161,13 @@ def kernels_on_cpu(cpu_kernels, monkeypatch):
 
     def launch(name, x, N, args):
         pointers = 7 if name == "slr_sltt_forward" else 10  # then ints and doubles, as numpy scalars
-        values = [(a or None) if i < pointers else int(a) if isinstance(a, np.integer) else float(a)
+        assert all(type(a) is np.uint64 for a in args[:pointers])  # 8 bytes whatever CuPy makes of an int
+        values = [(int(a) or None) if i < pointers else int(a) if isinstance(a, np.integer) else float(a)
                   for i, a in enumerate(args)]
         getattr(cpu_kernels[x.dtype], name)(*values)
 
     monkeypatch.setattr(sltt_cuda, "runs_on", lambda x: isinstance(x, torch.Tensor))
+    monkeypatch.setattr(sltt_cuda, "compile_error", lambda x: None)
     monkeypatch.setattr(sltt_cuda, "_launch", launch)
 
 
@@ -228,6 +231,40 @@ def test_cuda_source_compiles_for_every_dtype(tmp_path):
         assert result.returncode == 0, result.stderr
         ptx = source.with_suffix(".ptx").read_text()
         assert ".entry slr_sltt_forward" in ptx and ".entry slr_sltt_backward" in ptx
+
+
+def test_kernels_that_do_not_compile_leave_the_torch_path_with_one_warning(monkeypatch):
+    # a machine whose CuPy cannot compile the kernels (no cuda_bf16.h for NVRTC, say): backend="auto" warns
+    # once, with the compiler's message, and runs the torch implementation; backend="cupy" says why it cannot
+    from snn_localrules.errors import BackendError
+
+    tries = []
+
+    def failing_compile(dtype, device_index):
+        tries.append(dtype)
+        raise RuntimeError("catastrophic error: cannot open source file \"cuda_bf16.h\"")
+
+    monkeypatch.setattr(sltt_cuda, "_MODULES", {})
+    monkeypatch.setattr(sltt_cuda, "_COMPILE_ERRORS", {})
+    monkeypatch.setattr(sltt_cuda, "runs_on", lambda x: isinstance(x, torch.Tensor))
+    monkeypatch.setattr(sltt_cuda, "_key", lambda dtype, device: (dtype, 0))
+    monkeypatch.setattr(sltt_cuda, "_compile", failing_compile)
+    sg = sj_surrogate.Sigmoid(alpha=4.0)
+    x = make_input(torch.float64).requires_grad_(True)
+    twin = x.detach().clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="did not compile for torch.float64.*cuda_bf16.h"):
+        spikes, _, _ = sltt_multi_step(x, 0.0, "lif", surrogate_function=sg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call neither compiles again nor warns again
+        again, _, _ = sltt_multi_step(x, 0.0, "lif", surrogate_function=sg)
+    reference, _, _ = sltt_multi_step(twin, 0.0, "lif", surrogate_function=sg, backend="torch")
+    assert torch.equal(spikes, reference) and torch.equal(again, reference)
+    (spikes * torch.linspace(-1, 1, spikes.shape[-1], dtype=spikes.dtype)).sum().backward()
+    (reference * torch.linspace(-1, 1, spikes.shape[-1], dtype=spikes.dtype)).sum().backward()
+    assert torch.equal(x.grad, twin.grad) and bool(x.grad.any())
+    assert tries == [torch.float64]
+    with pytest.raises(BackendError, match="did not compile for torch.float64.*cuda_bf16.h.*backend='torch'"):
+        sltt_multi_step(x, 0.0, "lif", surrogate_function=sg, backend="cupy")
 
 
 def test_unsupported_dtype_is_refused():

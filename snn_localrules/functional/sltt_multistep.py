@@ -439,7 +439,8 @@ def sltt_multi_step(
     kernel_surrogate = _kernel_surrogate(surrogate_function)
     if backend == "auto":
         on_gpu = kernel_surrogate is not None and sltt_cuda.runs_on(x_seq) and x_seq.dtype in sltt_cuda.DTYPES
-        backend = "cupy" if on_gpu else "torch"
+        # kernels that do not compile on this machine are warned about once; the torch path runs
+        backend = "cupy" if on_gpu and sltt_cuda.compile_error(x_seq) is None else "torch"
     if backend == "cupy":
         if kernel_surrogate is None:
             raise BackendError(
@@ -454,6 +455,14 @@ def sltt_multi_step(
                 "wheel of your CUDA). "
                 "Use backend='torch' (it runs on CPU and CUDA)."
             )
+        if x_seq.dtype in sltt_cuda.DTYPES:
+            error = sltt_cuda.compile_error(x_seq)
+            if error is not None:
+                raise BackendError(
+                    f"backend='cupy': the CUDA kernels did not compile for {x_seq.dtype} on this machine "
+                    f"({error[:500]}). Use backend='torch' (the same results), or check that CuPy finds "
+                    "your CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h)."
+                )
     if neuron not in NEURON_KINDS:
         raise ValueError(f"neuron must be one of {NEURON_KINDS}, got {neuron!r}.")
     if not isinstance(x_seq, torch.Tensor) or x_seq.ndim < 1 or not x_seq.is_floating_point():

@@ -19,6 +19,7 @@ kernels' arithmetic is tested on machines without a GPU; the same tests run it t
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -205,6 +206,8 @@ def cpu_source(dtype: torch.dtype) -> str:
 # CuPy launch
 # ------------------------------------------------------------------------------------------------------
 _MODULES: Dict[Tuple[torch.dtype, int], object] = {}
+#: (dtype, device index) -> why the kernels did not compile there (asked once; then the torch path runs)
+_COMPILE_ERRORS: Dict[Tuple[torch.dtype, int], str] = {}
 _THREADS = 256
 
 
@@ -224,21 +227,56 @@ def runs_on(x: torch.Tensor) -> bool:
     return isinstance(x, torch.Tensor) and x.is_cuda and cupy_available()
 
 
-def _function(dtype: torch.dtype, device: torch.device, name: str):
+def _key(dtype: torch.dtype, device: torch.device) -> Tuple[torch.dtype, int]:
+    return dtype, device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _compile(dtype: torch.dtype, device_index: int):
+    """The kernels for ``dtype`` as a CuPy module on that device, both functions loaded (which compiles)."""
     import cupy
 
-    key = (dtype, device.index if device.index is not None else torch.cuda.current_device())
+    with cupy.cuda.Device(device_index):
+        # no fused multiply-add: torch rounds every op, and so must the kernels to match its spikes
+        module = cupy.RawModule(code=cuda_source(dtype), options=("--std=c++14", "--fmad=false"))
+        for name in ("slr_sltt_forward", "slr_sltt_backward"):
+            module.get_function(name)
+    return module
+
+
+def compile_error(x: torch.Tensor) -> Optional[str]:
+    """None when the kernels for ``x``'s dtype are ready on its device (compiled on the first ask, once per
+    dtype and device; CuPy caches the binary on disk too), else why they did not compile (NVRTC's message),
+    remembered: a CUDA toolkit without the half-precision headers, say."""
+    key = _key(x.dtype, x.device)
+    if key in _MODULES:
+        return None
+    if key not in _COMPILE_ERRORS:
+        try:
+            _MODULES[key] = _compile(*key)
+            return None
+        except Exception as exc:  # CuPy's CompileException, a driver error, ...
+            _COMPILE_ERRORS[key] = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
+            warnings.warn(
+                f"snn-localrules: the CUDA kernels of the fused SLTT neuron did not compile for {x.dtype} on "
+                f"cuda:{key[1]}, so its torch implementation runs there instead (same results, more launches). "
+                f"The compiler said: {_COMPILE_ERRORS[key]}", RuntimeWarning, stacklevel=3)
+    return _COMPILE_ERRORS[key]
+
+
+def _function(dtype: torch.dtype, device: torch.device, name: str):
+    key = _key(dtype, device)
     module = _MODULES.get(key)
     if module is None:
-        with cupy.cuda.Device(key[1]):
-            # no fused multiply-add: torch rounds every op, and so must the kernels to match its spikes
-            module = cupy.RawModule(code=cuda_source(dtype), options=("--std=c++14", "--fmad=false"))
-        _MODULES[key] = module  # compiled lazily, once per dtype and device (CuPy caches on disk too)
+        module = _MODULES[key] = _compile(*key)
     return module.get_function(name)
 
 
-def _ptr(tensor: Optional[torch.Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
+def _ptr(tensor: Optional[torch.Tensor]):
+    """A pointer argument as an explicit 8-byte integer: how CuPy passes a plain Python ``int`` to a raw
+    kernel has changed between its releases, a NumPy scalar's size has not."""
+    import numpy as np
+
+    return np.uint64(0 if tensor is None else tensor.data_ptr())
 
 
 def _launch(name: str, x: torch.Tensor, N: int, args: tuple) -> None:
