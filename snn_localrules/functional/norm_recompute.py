@@ -6,7 +6,8 @@ forward recurrence, which is elementwise and cheap. When ``X`` is the output of 
 follows from the batch norm's input, which the batch norm already keeps for its own backward. So such a
 neuron need not keep ``H`` (4 bytes per value in fp32): it keeps a reference to the batch norm's saved input
 (the same storage: no extra memory), the affine parameters, and its spikes (which the next layer keeps
-anyway, as 1-byte values with ``pack_spikes``), and rebuilds ``X`` and then ``H`` in backward.
+anyway, as 1-byte values with ``pack_spikes``; a call of one step with a soft reset, online SLTT's chunk 1,
+needs none), and rebuilds ``X`` and then ``H`` in backward.
 
 The rebuilt ``X`` is the batch norm's own kernel run again on the same input (statistics included), so it
 equals the forward's (to rounding at most, should a kernel reduce in a different order on a second call),
