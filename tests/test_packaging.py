@@ -23,6 +23,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _site_dirs() -> list:
+    """This environment's site-packages folders (pure and platform-specific: one folder on most systems)."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys(Path(paths[key]) for key in ("purelib", "platlib") if Path(paths[key]).is_dir()))
+
+
 def _listed_packages() -> dict:
     """setup.cfg's packages, each with the source folder it is built from (``package_dir`` mappings)."""
     cfg = configparser.ConfigParser()
@@ -70,7 +76,7 @@ def test_the_built_wheel_imports_without_the_source_tree(tmp_path):
     assert not any(name.startswith("adapters/") for name in names), "a top-level 'adapters' package"
     # -S: no site-packages processing, so the editable install's path hook cannot supply what the wheel
     # lacks; torch, pluggy and the frameworks come from this environment's site-packages, after the wheel
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(unpacked), sysconfig.get_paths()["purelib"]])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(unpacked), *map(str, _site_dirs())])}
     probe = (
         "import sys, importlib.util\n"
         "import snn_localrules as slr, snn_localrules.kernels.sltt_cuda as k, snn_localrules.presets as p\n"
@@ -101,9 +107,11 @@ def _site_packages_without_this_project(tmp_path) -> Path:
     editable install's path hook): what a machine that has only the dependencies offers."""
     site = tmp_path / "site"
     site.mkdir()
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        if not entry.name.startswith(("snn_localrules", "__editable__", "snn-localrules")):
-            (site / entry.name).symlink_to(entry)
+    for folder in _site_dirs():
+        for entry in folder.iterdir():
+            if not entry.name.startswith(("snn_localrules", "__editable__", "snn-localrules")) \
+                    and not (site / entry.name).exists():
+                (site / entry.name).symlink_to(entry)
     return site
 
 
