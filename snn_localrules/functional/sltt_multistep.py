@@ -441,7 +441,7 @@ def sltt_multi_step(
         on_gpu = kernel_surrogate is not None and sltt_cuda.runs_on(x_seq) and x_seq.dtype in sltt_cuda.DTYPES
         # kernels that do not compile on this machine are warned about once; the torch path runs
         backend = "cupy" if on_gpu and sltt_cuda.compile_error(x_seq) is None else "torch"
-    if backend == "cupy":
+    elif backend == "cupy":  # asked for: say why it cannot run (auto chose it only where it can)
         if kernel_surrogate is None:
             raise BackendError(
                 f"backend='cupy' computes the surrogate's derivative in the kernel; it knows SpikingJelly's "
