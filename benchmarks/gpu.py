@@ -365,6 +365,12 @@ def method_settings(method: str, args) -> Dict[str, Any]:
     return {"optimizer": common["optimizer"], "wrap": wrap, "mode": "online (learner.step)"}
 
 
+def wrap_options(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The keyword options of ``slr.wrap`` in a method's recorded settings: all of its ``wrap`` entry but
+    the rule and the optimizer's name, which the worker passes itself."""
+    return {k: v for k, v in settings["wrap"].items() if k not in ("rule", "optimizer")}
+
+
 def parse_budget(text: str):
     """``--auto-max-memory``: ``"2GB"``/``"512MB"`` (bytes), ``"0.05"`` (a fraction of the device's memory)
     or a plain integer of bytes."""
@@ -455,9 +461,7 @@ def run_worker(args) -> Dict[str, Any]:
             optimize_memory(model, (layer.Conv2d, neuron.LIFNode), example_forward, level=1)
             functional.reset_net(model)
         elif method.startswith("sltt_fused"):
-            wrap = dict(result["settings"]["wrap"])
-            wrap.pop("rule")
-            learner = slr.wrap(model, rule="sltt", **wrap)
+            learner = slr.wrap(model, rule="sltt", **wrap_options(result["settings"]))
 
         def train_batch() -> float:  # the user's own BPTT loop
             optimizer.zero_grad(set_to_none=True)
@@ -482,9 +486,7 @@ def run_worker(args) -> Dict[str, Any]:
             return float(loss.detach())
 
     else:
-        wrap = dict(result["settings"]["wrap"])
-        wrap.pop("rule"), wrap.pop("optimizer")
-        learner = slr.wrap(model, rule="sltt", optimizer=optimizer, **wrap)
+        learner = slr.wrap(model, rule="sltt", optimizer=optimizer, **wrap_options(result["settings"]))
 
         def train_batch() -> float:
             return learner.step(x_seq, y).loss
