@@ -60,46 +60,18 @@ def _copy_of_the_tree(tmp_path) -> Path:
     return source
 
 
-def test_the_built_wheel_imports_without_the_source_tree(tmp_path):
-    pytest.importorskip("setuptools")
-    source = _copy_of_the_tree(tmp_path)
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-         "-q", "-w", str(tmp_path / "dist"), str(source)],
-        capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("snn_localrules-*.whl")
-    unpacked = tmp_path / "installed"
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(unpacked)
-        names = archive.namelist()
-    assert not any(name.startswith("adapters/") for name in names), "a top-level 'adapters' package"
-    # -S: no site-packages processing, so the editable install's path hook cannot supply what the wheel
-    # lacks; torch, pluggy and the frameworks come from this environment's site-packages, after the wheel
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(unpacked), *map(str, _site_dirs())])}
-    probe = (
-        "import sys, importlib.util\n"
-        "import snn_localrules as slr, snn_localrules.kernels.sltt_cuda as k, snn_localrules.presets as p\n"
-        "assert callable(p.vgg9) and k.SURROGATE_IDS\n"
-        "print(sorted(slr.rules()))\n"
-        "from snn_localrules.plugins import plugin_manager\n"
-        "names = dict(plugin_manager().list_name_plugin())\n"
-        "for n in ('spikingjelly', 'snntorch'):\n"
-        "    if importlib.util.find_spec(n):\n"
-        "        print(n, names[n].__file__)\n"
-        "print('modules', *sorted({m.__file__ for m in list(sys.modules.values())\n"
-        "                         if m.__name__.startswith('snn_localrules') and getattr(m, '__file__', None)}))\n"
-    )
-    run = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert lines[0] == "['sltt', 'tp']"
-    adapters = [line.split() for line in lines[1:-1]]
-    assert adapters, "neither SpikingJelly nor snnTorch is installed: the adapters were not loaded"
-    # every module of this package that ran came from the wheel, adapter plugins included
-    files = lines[-1].split()[1:] + [file for _, file in adapters]
-    assert files and all(file.startswith(str(unpacked)) for file in files), files
+#: printed by both probes first: the rules, then ``<framework> <file of its adapter plugin>`` for each
+#: framework installed here
+_PLUGINS_PROBE = (
+    "import importlib.util\n"
+    "import snn_localrules as slr\n"
+    "from snn_localrules.plugins import plugin_manager\n"
+    "print(sorted(slr.rules()))\n"
+    "names = dict(plugin_manager().list_name_plugin())\n"
+    "for n in ('spikingjelly', 'snntorch'):\n"
+    "    if importlib.util.find_spec(n):\n"
+    "        print(n, names[n].__file__)\n"
+)
 
 
 def _site_packages_without_this_project(tmp_path) -> Path:
@@ -115,31 +87,66 @@ def _site_packages_without_this_project(tmp_path) -> Path:
     return site
 
 
-def test_a_source_checkout_runs_without_being_installed(tmp_path):
-    # PYTHONPATH=<checkout>, nothing installed: how benchmarks/gpu_session.sh runs on a lent GPU machine.
-    # The adapters/ folder (snn_localrules.adapters once installed) must still load as the plugins.
+def _run_isolated(tmp_path, package_root: Path, probe: str) -> list:
+    """``probe``'s output lines, run by ``python -S`` (no site-packages processing, so no path hook of the
+    editable install) with ``package_root`` (an unpacked wheel or a checkout) first on the path and then
+    the dependencies, nothing else of this project."""
     site = _site_packages_without_this_project(tmp_path)
-    source = _copy_of_the_tree(tmp_path)
-    probe = (
-        "import importlib.metadata as md, importlib.util\n"
-        "assert not [d for d in md.distributions() if d.metadata['Name'] == 'snn-localrules']\n"
-        "import snn_localrules as slr\n"
-        "from snn_localrules.plugins import plugin_manager\n"
-        "print(slr.__file__)\n"
-        "print(sorted(slr.rules()))\n"
-        "names = dict(plugin_manager().list_name_plugin())\n"
-        "for n in ('spikingjelly', 'snntorch'):\n"
-        "    if importlib.util.find_spec(n):\n"
-        "        print(n, names[n].__file__)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(site)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), str(site)])}
     run = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    package, rules, *adapters = run.stdout.strip().splitlines()
-    assert package == str(source / "snn_localrules" / "__init__.py")
-    assert rules == "['sltt', 'tp']"
+    return run.stdout.strip().splitlines()
+
+
+def _assert_plugins(lines: list, adapters_folder: Path) -> list:
+    """The rules line and an adapter plugin line per installed framework, each loaded from
+    ``adapters_folder``; returns the lines after them."""
+    assert lines[0] == "['sltt', 'tp']"
+    adapters = [line.split() for line in lines[1:] if line.split()[0] in ("spikingjelly", "snntorch")]
     assert adapters, "neither SpikingJelly nor snnTorch is installed: the adapters were not loaded"
-    for line in adapters:
-        name, file = line.split()
-        assert file == str(source / "adapters" / f"{name}.py")
+    for name, file in adapters:
+        assert file == str(adapters_folder / f"{name}.py"), (name, file)
+    return lines[1 + len(adapters):]
+
+
+def test_the_built_wheel_imports_without_the_source_tree(tmp_path):
+    pytest.importorskip("setuptools")
+    source = _copy_of_the_tree(tmp_path)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+         "-q", "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("snn_localrules-*.whl")
+    unpacked = tmp_path / "installed"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked)
+        names = archive.namelist()
+    assert not any(name.startswith("adapters/") for name in names), "a top-level 'adapters' package"
+    probe = (
+        "import sys\n"
+        "import snn_localrules.kernels.sltt_cuda as k, snn_localrules.presets as p\n"
+        "assert callable(p.vgg9) and k.SURROGATE_IDS\n"
+        + _PLUGINS_PROBE +
+        "print('modules', *sorted({m.__file__ for m in list(sys.modules.values())\n"
+        "                         if m.__name__.startswith('snn_localrules') and getattr(m, '__file__', None)}))\n"
+    )
+    (modules,) = _assert_plugins(_run_isolated(tmp_path, unpacked, probe), unpacked / "snn_localrules" / "adapters")
+    # every module of this package that ran came from the wheel
+    files = modules.split()[1:]
+    assert files and all(file.startswith(str(unpacked)) for file in files), files
+
+
+def test_a_source_checkout_runs_without_being_installed(tmp_path):
+    # PYTHONPATH=<checkout>, nothing installed: how benchmarks/gpu_session.sh runs on a lent GPU machine.
+    # The adapters/ folder (snn_localrules.adapters once installed) must still load as the plugins.
+    source = _copy_of_the_tree(tmp_path)
+    probe = (
+        "import importlib.metadata as md\n"
+        "assert not [d for d in md.distributions() if d.metadata['Name'] == 'snn-localrules']\n"
+        + _PLUGINS_PROBE +
+        "print(slr.__file__)\n"
+    )
+    (package,) = _assert_plugins(_run_isolated(tmp_path, source, probe), source / "adapters")
+    assert package == str(source / "snn_localrules" / "__init__.py")
