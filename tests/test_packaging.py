@@ -110,8 +110,19 @@ def _assert_plugins(lines: list, adapters_folder: Path) -> list:
     return lines[1 + len(adapters):]
 
 
+def _can_build_wheels() -> bool:
+    """pyproject.toml's build requirements without build isolation (the test stays offline): setuptools
+    with its own bdist_wheel (70.1+), or an older one with the wheel package."""
+    import importlib.util
+
+    if importlib.util.find_spec("setuptools") is None:
+        return False
+    return (importlib.util.find_spec("setuptools.command.bdist_wheel") is not None
+            or importlib.util.find_spec("wheel") is not None)
+
+
+@pytest.mark.skipif(not _can_build_wheels(), reason="building a wheel needs setuptools 70.1+ or the wheel package")
 def test_the_built_wheel_imports_without_the_source_tree(tmp_path):
-    pytest.importorskip("setuptools")
     source = _copy_of_the_tree(tmp_path)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
