@@ -185,6 +185,15 @@ class SpikingJellyNeuron(NeuronAdapter):
             return self.run_steps(x, _nothing)
         return super().own_forward(x, *args, **kwargs)
 
+    def passes_no_gradient(self) -> Optional[str]:
+        if self.module.training or not _eval_forward_is_heaviside(type(self.module)):
+            return None
+        return (
+            f"in eval mode this release's {type(self.module).__name__} runs a Heaviside without surrogate "
+            "(SpikingJelly before 2.0). Call model.train() before step(); to keep batch norm on its running "
+            "statistics, put only the BatchNorm layers in eval mode"
+        )
+
     def _keeps_v_seq(self) -> bool:
         # with ``store_v_seq`` a multi-step call leaves the post-reset membrane of every step in ``v_seq``
         return bool(getattr(self.module, "store_v_seq", False))
@@ -236,6 +245,13 @@ class SpikingJellyNeuron(NeuronAdapter):
         if callable(materialize):  # before 2.0 only store_v_seq makes v_seq, and then nothing is fused
             module.v_seq = v_seq  # None without store_v_seq, as SpikingJelly's own multi-step forward sets it
         return spikes
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_forward_is_heaviside(cls: type) -> bool:
+    """Whether ``cls`` has an eval-mode forward without gradient: SpikingJelly 0.0.0.0.14's IF and LIF
+    neurons (and LIAF) run ``jit_eval_*`` functions, a Heaviside with no surrogate, when not training."""
+    return any(name.startswith("jit_eval_") for name in dir(cls))
 
 
 def _fusable_class(cls: type) -> Optional[str]:

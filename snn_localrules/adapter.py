@@ -157,6 +157,13 @@ class NeuronAdapter:
         """
         return None
 
+    def passes_no_gradient(self) -> Optional[str]:
+        """Why this neuron, as it is set now, passes no gradient to its input, and how to change that; None
+        when it passes one (the default). Rules that train through the neurons (online SLTT, TP) refuse to
+        step while a neuron says why here, rather than train only the layers after it: a neuron whose eval
+        mode runs a Heaviside without surrogate, say."""
+        return None
+
     def describe(self) -> str:
         """A short human-readable description used in listings and error messages."""
         return f"{self.framework}.{type(self.module).__name__}"

@@ -27,7 +27,7 @@ from .errors import LossError, WrapError
 from .functional.losses import StepLoss, resolve_step_loss
 from .memory import SavedBytes, storage_keys
 from .plugins import plugin_manager
-from .rules.base import OutputChoice, check_devices, check_sequence_batch, run_in_time
+from .rules.base import OutputChoice, check_devices, check_neurons_pass_gradients, check_sequence_batch, run_in_time
 from .wrap import find_neurons, learner_of, wrap
 
 #: below this cosine similarity (in any layer) SLTT is reported as a poor approximation of BPTT. Per-layer
@@ -286,7 +286,8 @@ def diagnose(
     ``learner.step`` does). It is the activation memory the rule needs, not the process's peak memory
     (allocator caches and temporaries of backward are not counted).
 
-    :raises WrapError: the model is wrapped (diagnose compares both rules on the plain model: unwrap it).
+    :raises WrapError: the model is wrapped (diagnose compares both rules on the plain model: unwrap it),
+        or a neuron passes no gradient as it is set now (SpikingJelly 0.0.0.0.14's LIF in eval mode).
     :raises LayoutError: ``x_seq``/``y`` have the wrong layout, dtype or device.
     :raises LossError: the loss is not a scalar or reaches no trainable parameter.
     """
@@ -298,6 +299,7 @@ def diagnose(
     T = check_sequence_batch(x_seq, y)
     neurons = find_neurons(model)
     check_devices(model, x_seq, y)
+    check_neurons_pass_gradients(model, neurons)
     if not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a cosine in [-1, 1], got {threshold!r}.")
     step_loss = resolve_step_loss(loss, plugin_answer=lambda obj: plugin_manager().hook.slr_step_loss(loss=obj))

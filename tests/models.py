@@ -14,6 +14,15 @@ def sj_mlp(node="LIFNode", step_mode="s", **node_kwargs):
     return model
 
 
+def sj_lif_passes_gradient_in_eval_mode() -> bool:
+    """False for SpikingJelly 0.0.0.0.14, whose IF and LIF neurons spike through a Heaviside without
+    surrogate in eval mode."""
+    from spikingjelly.activation_based import neuron
+
+    node = neuron.LIFNode(v_threshold=0.5).eval()
+    return node(torch.ones(3, requires_grad=True)).requires_grad
+
+
 def sj_conv(step_mode="m"):
     from spikingjelly.activation_based import functional, layer, neuron
 

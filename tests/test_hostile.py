@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import snn_localrules as slr
 from conftest import assert_same_snapshot, snapshot
+from models import sj_lif_passes_gradient_in_eval_mode
 
 pytest.importorskip("spikingjelly")
 from spikingjelly.activation_based import functional, layer, neuron  # noqa: E402
@@ -315,9 +316,25 @@ def test_sltt_single_step_equals_bptt():
 @pytest.mark.parametrize("rule", RULES)
 def test_eval_mode_trains_with_running_statistics(rule):
     """step() runs the model in the mode it is in: in eval mode BN uses (and keeps) its running
-    statistics and dropout is off; the parameters are trained all the same."""
+    statistics and dropout is off; the parameters are trained all the same. Where the neurons pass no
+    gradient in eval mode (SpikingJelly before 2.0), step() refuses, changes nothing and says how to keep
+    the running statistics: only the BN layers in eval mode."""
     model, opt, learner = make_learner(rule)
     model.eval()
+    if not sj_lif_passes_gradient_in_eval_mode():
+        before = state(model, opt, learner)
+        with pytest.raises(slr.WrapError, match=r"'3' \(spikingjelly\.LIFNode\), '5' .*Heaviside.*model\.train\(\)"
+                                                r".*only the BatchNorm layers in eval mode"):
+            learner.step(*batch())
+        assert_unchanged(before, model, opt, learner)
+        model.train()
+        model[1].eval()
+        bn = {k: v.clone() for k, v in model[1].state_dict().items() if k not in ("weight", "bias")}
+        weight = model[0].weight.detach().clone()
+        learner.step(*batch())
+        assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in bn.items())
+        assert not torch.equal(weight, model[0].weight)
+        return
     bn = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("1.") and k[2:] in (
         "running_mean", "running_var", "num_batches_tracked")}
     weight = model[0].weight.detach().clone()
@@ -576,7 +593,9 @@ def test_sltt_multi_step_model_reducing_time():
 
     # one step per call is fine (a mean over one step is that step); SLTT-K's forward-only steps run as
     # multi-step chunks, whose time-reduced output cannot be split into steps
-    model = MeanOverTime(make_model(step_mode="m"))
+    net = make_model(step_mode="m")
+    net[1] = layer.SeqToANNContainer(nn.BatchNorm1d(16))  # SpikingJelly 0.0.0.0.14's takes only [T, N, C, L]
+    model = MeanOverTime(net)
     model, opt, learner = make_learner("sltt", model=model, warm=True)
     learner.K, learner.sample = 1, "last"
     before = state(model, opt, learner)

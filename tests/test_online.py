@@ -80,7 +80,7 @@ def test_stats_counts_and_predict_agree():
     x, y = (torch.rand(4, 3, 2, 8, 8) < 0.3).float(), torch.randint(0, 5, (3,))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     learner = slr.wrap(model, rule="sltt", optimizer=opt, K=2, seed=0)
-    model.eval()  # so BN gives the same outputs in both passes
+    model[1].eval()  # so BN gives the same outputs in both passes
     stats = learner.step(x, y)
     assert stats.output_counts.shape == (3, 5) and stats.T == 4
     pred = learner.predict(x)

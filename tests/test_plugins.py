@@ -26,12 +26,30 @@ class ThirdPartyNeuron(nn.Module):
         return spike
 
 
+class EvalHeavisideNeuron(ThirdPartyNeuron):
+    """The same neuron, but in eval mode it spikes through a Heaviside without surrogate (no gradient), as
+    SpikingJelly 0.0.0.0.14's IF and LIF neurons do."""
+
+    def forward(self, x):
+        if self.training:
+            return super().forward(x)
+        u = self.decay * self.u + x
+        spike = (u >= 1.0).to(u)
+        self.u = u - spike
+        return spike
+
+
 class ThirdPartyAdapter(slr.NeuronAdapter):
     framework = "thirdparty"
     state_names = ("u",)
 
     def reset_state(self):
         self.module.u = 0.0
+
+    def passes_no_gradient(self):
+        if isinstance(self.module, EvalHeavisideNeuron) and not self.module.training:
+            return "in eval mode it spikes through a Heaviside; call model.train() before step()"
+        return None
 
 
 class ThirdPartyPlugin:
@@ -106,6 +124,26 @@ def test_third_party_adapter_trains(plugin):
     learner = slr.wrap(net, rule="sltt", optimizer=opt)
     losses = [learner.step(x, y).loss for _ in range(40)]
     assert losses[-1] < 0.7 * losses[0]
+    learner.unwrap()
+
+
+@pytest.mark.parametrize("rule", ["sltt", "tp"])
+def test_a_step_through_a_neuron_that_passes_no_gradient_is_refused(plugin, rule):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 10), EvalHeavisideNeuron(), nn.Linear(10, 3))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    learner = slr.wrap(net, rule=rule, optimizer=optimizer, **({"num_classes": 3} if rule == "tp" else {}))
+    x, y = torch.rand(5, 8, 6) * 1.5, torch.randint(0, 3, (8,))
+    net.eval()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(slr.WrapError, match=r"'1' \(thirdparty\.EvalHeavisideNeuron\) passes no gradient to its input "
+                                            r"now.*Heaviside; call model\.train\(\) before step\(\)"):
+        learner.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert optimizer.state_dict()["state"] == {} and net[1].u == 0.0 and all(p.grad is None for p in net.parameters())
+    net.train()  # as the message says: then the layer below the neuron learns
+    learner.step(x, y)
+    assert not torch.equal(before[0], net[0].weight)
     learner.unwrap()
 
 

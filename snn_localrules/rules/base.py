@@ -338,6 +338,24 @@ def _state_buffers(neurons: Sequence[NeuronAdapter]) -> set:
     return {(id(n.module), name) for n in neurons for name in n.state_names}
 
 
+def check_neurons_pass_gradients(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
+    """Refuse to train (or to diagnose) through a neuron that, as it is set now, passes no gradient to its
+    input: every layer below it would silently stay as it is (:meth:`NeuronAdapter.passes_no_gradient`
+    says why)."""
+    blocked = [(neuron, reason) for neuron in neurons for reason in (neuron.passes_no_gradient(),) if reason]
+    if not blocked:
+        return
+    names = {id(module): name for name, module in model.named_modules()}
+    listed = ", ".join(f"{names.get(id(neuron.module)) or '<model>'!r} ({neuron.describe()})"
+                       for neuron, _ in blocked[:4])
+    more = f", ... ({len(blocked)} in all)" if len(blocked) > 4 else ""
+    passes = "passes no gradient to its" if len(blocked) == 1 else "pass no gradient to their"
+    raise WrapError(
+        f"{listed}{more} {passes} input now, so only the layers after the last neuron would get one: "
+        f"{blocked[0][1]}."
+    )
+
+
 def guarded_step(finite_input: bool = False, restore: Sequence[str] = ()) -> Callable:
     """Decorator for a rule's ``step(x_seq, y)``: checks that need the model, and all-or-nothing on failure.
 
@@ -361,6 +379,7 @@ def guarded_step(finite_input: bool = False, restore: Sequence[str] = ()) -> Cal
                 )
             check_sequence_batch(x_seq, y, getattr(self, "T", None))  # the one layout check of a step
             check_devices(self.model, x_seq, y)
+            check_neurons_pass_gradients(self.model, self.neurons)
             if finite_input:
                 check_finite_input(x_seq)
             skip = _state_buffers(self.neurons)
