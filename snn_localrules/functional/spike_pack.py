@@ -27,20 +27,37 @@ import torch
 _PACKED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _other_hooks_active() -> bool:
-    """Whether saved-tensor hooks (someone else's) are active now. Unknown (an old torch without the
-    query): assume they are, and do not pack."""
+    """Whether saved-tensor hooks (someone else's) are active now.
+
+    torch 2.11 answers directly. Older releases (2.6 has no query) are asked by a probe: one 0-d tensor
+    saved in a throwaway graph, which then takes hooks of its own unless default hooks packed it already
+    (so their pack hook sees that tensor). A probe that cannot run counts as hooks being active: no packing.
+    """
     top: Optional[Callable] = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
+    if top is not None:
+        return top(False) is not None
+    with torch.enable_grad():
+        probe = torch.zeros(()).requires_grad_().exp()  # ExpBackward saves its result
+    try:
+        probe.grad_fn._raw_saved_result.register_hooks(_identity, _identity)
+    except (RuntimeError, AttributeError):
         return True
-    return top(False) is not None
+    return False
 
 
 def can_push() -> bool:
-    """Whether a packer entered now pushes its hooks: not while other saved-tensor hooks are active, nor
-    while torch compiles a graph (then it stands aside and theirs, or the graph's, run unchanged)."""
+    """Whether a packer entered now pushes its hooks: not while other saved-tensor hooks are active or
+    saved-tensor hooks are disabled (``torch.autograd.graph.disable_saved_tensors_hooks``, where pushing
+    raises), nor while torch compiles a graph (then it stands aside and theirs, or the graph's, run
+    unchanged)."""
     compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    return not compiling and not _other_hooks_active()
+    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)()
+    return not compiling and enabled and not _other_hooks_active()
 
 
 #: the most values a pooled window may average (its counts must fit uint8, and be exact in bfloat16)
