@@ -1,4 +1,5 @@
 """Production use of online SLTT: torch.distributed (2 gloo processes), mixed precision, checkpoints."""
+import contextlib
 import os
 
 import pytest
@@ -356,6 +357,35 @@ def test_tp_global_contrast_outside_ddp_is_refused():
 
 
 # -- TP with mixed precision ---------------------------------------------------------------------
+@pytest.mark.parametrize("rule", ["sltt", "tp"])
+def test_a_users_autocast_block_around_several_steps_keeps_no_stale_weight_casts(rule):
+    """autocast caches the bfloat16 copy of each weight made in its block; TP updates the weights at every
+    time step and SLTT after each batch, so a block around several step() calls (or a copy made under
+    no_grad, which torch 2.6 reuses) would run stale or graph-less copies: the learner turns the cache off
+    for its forwards. Then the cache of the user's block changes nothing, and the steps equal the
+    autocast= option's (TP computes its losses in float32 either way)."""
+    def train(option, block):
+        model = _fresh_model("s") if rule == "sltt" else _tp_model("s")
+        if rule == "sltt":
+            learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), autocast=option)
+        else:
+            learner = _tp_learner(model, "concat", autocast=option)
+        with block():
+            for x, y in _data(batches=3):
+                learner.step(x, y)
+        return [p.detach().clone() for p in model.parameters()]
+
+    def users_block(cache):
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache)
+
+    cached, uncached = train(None, users_block(True)), train(None, users_block(False))
+    assert all(torch.equal(a, b) for a, b in zip(cached, uncached))
+    option = train(torch.bfloat16, contextlib.nullcontext)
+    fp32 = train(None, contextlib.nullcontext)
+    for a, b, c in zip(cached, option, fp32):
+        assert float((a - b).abs().max()) < 0.1 * max(float((b - c).abs().max()), 1e-3)
+
+
 def test_tp_bf16_autocast_trains_close_to_fp32_with_float32_traces():
     results = {}
     initial = [p.detach().clone() for p in _tp_model("s").parameters()]

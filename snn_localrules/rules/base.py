@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -184,13 +184,28 @@ def check_chunk(chunk: Any, max_memory: Any, online: bool) -> None:
         raise WrapError("max_memory= is the budget of chunk='auto'; pass chunk='auto' too, or drop max_memory.")
 
 
-def autocast_context(autocast: Union[None, bool, torch.dtype], device_type: str, cache: bool = True):
-    """``torch.autocast`` for the learner's ``autocast=`` option (a no-op context when it is off);
-    ``cache=False`` for CUDA graphs, which must not keep a weight cast made at capture."""
+@contextlib.contextmanager
+def _without_autocast_cache() -> Iterator[None]:
+    was = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(was)
+
+
+def autocast_context(autocast: Union[None, bool, torch.dtype], device_type: str):
+    """``torch.autocast`` for the learner's ``autocast=`` option; when it is off, the caller's own autocast
+    (if any) as it is. Both without autocast's cache of weight casts, which keeps the low-precision copy
+    of a weight made at its first use in a region: TP steps the optimizer inside a step, and a user's
+    autocast block may hold several ``step()`` calls, so a cached copy would be stale after the first
+    update; torch 2.6 also reuses a copy made under ``no_grad``, which has no graph to the weight; and a
+    CUDA graph must cast at every replay, not reuse a cast made at capture. A step casts each weight once
+    anyway."""
     if not autocast:
-        return contextlib.nullcontext()
+        return _without_autocast_cache()
     return torch.autocast(device_type=device_type, dtype=None if autocast is True else autocast,
-                          cache_enabled=cache)
+                          cache_enabled=False)
 
 
 def check_sequence_batch(x_seq: Any, y: Optional[torch.Tensor] = None, T: Optional[int] = None) -> int:

@@ -484,8 +484,7 @@ class SLTT(Rule):
         return run if x_seq.device.type == "cuda" else 4
 
     def _autocast_context(self, x_seq: torch.Tensor):
-        # a captured step must cast the weights at every replay, not reuse a cast cached at capture
-        return autocast_context(self.autocast, x_seq.device.type, cache=self.graphs is None)
+        return autocast_context(self.autocast, x_seq.device.type)
 
     def _saved_bytes(self, measure: bool, x_seq: torch.Tensor):
         if not measure:

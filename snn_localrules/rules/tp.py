@@ -352,8 +352,8 @@ class TP(Rule):
                     else:
                         inputs = torch.cat([x_t, label_in], 0)
                         (out,) = run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
-                # the losses in float32, outside autocast (traces are float32 already)
-                with autocast_context(False, x_t.device.type):
+                # the losses in float32, outside autocast, the caller's own too (traces are float32 already)
+                with torch.autocast(x_t.device.type, enabled=False):
                     losses = []
                     label_prev: Optional[torch.Tensor] = None
                     hidden = self._hidden_order()
