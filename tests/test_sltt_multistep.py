@@ -164,6 +164,15 @@ def test_forward_half_precision_equals_spikingjelly(kind, dtype):
     assert torch.equal(v, node.v) and torch.equal(v_seq, node.v_seq)
 
 
+def _neighbours(theta: torch.Tensor):
+    """The values of ``theta``'s dtype just above and just below it (positive ``theta``): one unit in the
+    last place either side, from the bits (torch 2.1's CPU nextafter has no half precision)."""
+    if theta.dtype in (torch.float16, torch.bfloat16):
+        bits = theta.view(torch.int16)
+        return (bits + 1).view(theta.dtype), (bits - 1).view(theta.dtype)
+    return torch.nextafter(theta, torch.ones_like(theta)), torch.nextafter(theta, torch.zeros_like(theta))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
                          ids=["fp16", "bf16", "fp32", "fp64"])
 @pytest.mark.parametrize("v_reset", [None, 0.0, -0.1], ids=["soft", "hard0", "hard-0.1"])
@@ -186,8 +195,7 @@ def test_forward_equals_spikingjelly_with_thresholds_the_dtype_cannot_hold(kind,
         # step 0 charges H = X (/ tau for LIF with decay_input) from zero: some H exactly at the threshold
         # as the dtype holds it, and one step of the dtype either side
         theta = torch.tensor(0.3, dtype=dtype)
-        ups, downs = torch.nextafter(theta, torch.tensor(1.0, dtype=dtype)), torch.nextafter(theta, torch.zeros((), dtype=dtype))
-        boundary = torch.stack((theta, ups, downs)) * (2 if kind == "lif" and decay else 1)
+        boundary = torch.stack((theta, *_neighbours(theta))) * (2 if kind == "lif" and decay else 1)
         x[0, 0, :3] = boundary
     with torch.no_grad():
         ref_spikes = node(x)
@@ -213,8 +221,7 @@ def test_torch_path_rounds_a_threshold_as_spikingjellys_operations_do(v_reset, d
     x = make_input(dtype) * 0.5
     if v_reset is None:  # H = X / tau at step 0: some H at the threshold as the dtype holds it, and beside it
         theta = torch.tensor(0.3, dtype=dtype)
-        x[0, 0, :3] = torch.stack((theta, torch.nextafter(theta, torch.ones((), dtype=dtype)),
-                                   torch.nextafter(theta, torch.zeros((), dtype=dtype)))) * TAU
+        x[0, 0, :3] = torch.stack((theta, *_neighbours(theta))) * TAU
     x = x.to(device)
     r = 0.0 if v_reset is None else v_reset
     v = torch.full_like(x[0], r)
