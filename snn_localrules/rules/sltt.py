@@ -29,6 +29,7 @@ from .base import (
     Rule,
     all_finite,
     autocast_context,
+    backward,
     check_optimizer,
     check_chunk,
     check_precision,
@@ -459,7 +460,7 @@ class SLTT(Rule):
         with self._autocast_context(x), saved:
             outs = run_in_time(self.model, x, sequence_model, self.output)
             loss = sum(self._step_loss(out, y, t) for t, out in enumerate(outs, first)) / T
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        backward(loss, self.scaler)
         return outs, loss
 
     def _graphs_for(self, x_seq: torch.Tensor, no_sync: Any) -> None:

@@ -32,6 +32,7 @@ from .base import (
     OutputChoice,
     Rule,
     autocast_context,
+    backward,
     check_optimizer,
     check_precision,
     check_sequence_batch,
@@ -390,7 +391,7 @@ class TP(Rule):
                     raise NonFiniteLossError(f"the TP loss at time step {t} is {float(total.detach())}; check the input scale.")
                 self.optimizer.zero_grad(set_to_none=True)
                 if total.requires_grad:
-                    (self.scaler.scale(total) if self.scaler is not None else total).backward()
+                    backward(total, self.scaler)
                 if self.scaler is not None:
                     scale = self.scaler.get_scale()
                     self.scaler.step(self.optimizer)
