@@ -471,3 +471,49 @@ def test_tp_grad_scaler_overflow_skips_only_that_step():
     ref_learner.step(x, y)
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["zero-change", "online"])
+def test_a_compiled_model_gets_the_same_gradients_without_untraceable_calls(mode):
+    """torch.compile around a wrapped model (zero-change) or wrapped (online): the same SLTT gradients as
+    without it, and Dynamo meets nothing of ours that it cannot trace (the packer stands aside before it
+    asks torch anything). aot_eager runs Dynamo and AOTAutograd without compiling kernels, to stay quick."""
+    import warnings
+
+    from spikingjelly.activation_based import functional
+
+    from tests.models import sj_conv
+
+    pytest.importorskip("torch._dynamo")
+    x, y = (torch.rand(4, 3, 2, 8, 8) < 0.3).float(), torch.randint(0, 5, (3,))
+    try:  # torch 2.1's Dynamo cannot compile SpikingJelly 0.0.0.0.14's layers, wrapped or not
+        torch.compile(sj_conv("m"), backend="aot_eager")(x)
+    except Exception as exc:  # pragma: no cover - old torch
+        pytest.skip(f"this torch cannot compile the plain model: {type(exc).__name__}")
+    finally:
+        torch._dynamo.reset()
+
+    def gradients(compiled):
+        torch.manual_seed(0)
+        model = sj_conv("m")
+        if mode == "zero-change":
+            learner = slr.wrap(model, rule="sltt")
+            run = torch.compile(model, backend="aot_eager") if compiled else model
+            torch.nn.functional.cross_entropy(run(x).mean(0), y).backward()
+            functional.reset_net(model)
+        else:
+            target = torch.compile(model, backend="aot_eager") if compiled else model
+            learner = slr.wrap(target, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+            learner.step(x, y)
+        learner.unwrap()
+        return [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = gradients(True)
+    torch._dynamo.reset()
+    assert not [w for w in caught if "Dynamo does not know how to trace" in str(w.message)]
+    for a, b in zip(gradients(False), compiled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

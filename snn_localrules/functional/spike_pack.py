@@ -55,9 +55,11 @@ def can_push() -> bool:
     saved-tensor hooks are disabled (``torch.autograd.graph.disable_saved_tensors_hooks``, where pushing
     raises), nor while torch compiles a graph (then it stands aside and theirs, or the graph's, run
     unchanged)."""
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)()
-    return not compiling and enabled and not _other_hooks_active()
+    if getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)():
+        return False  # asked first: Dynamo cannot trace the queries below
+    if not getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)():
+        return False
+    return not _other_hooks_active()
 
 
 #: the most values a pooled window may average (its counts must fit uint8, and be exact in bfloat16)
