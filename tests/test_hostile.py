@@ -488,6 +488,19 @@ def test_unwrap_from_a_forward_hook_during_step(rule):
     assert_still_works(model, learner)
 
 
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("rule", RULES)
+def test_step_with_gradients_off(rule, no_grad):
+    # SLTT used to fail inside autograd ("element 0 of tensors does not require grad") and TP to run and
+    # change nothing
+    model, opt, learner = make_learner(rule)
+    before = state(model, opt, learner)
+    with no_grad(), pytest.raises(slr.WrapError, match=r"gradients are off.*outside that block.*predict"):
+        learner.step(*batch())
+    assert_unchanged(before, model, opt, learner)
+    assert_still_works(model, learner)
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_step_from_a_forward_hook_during_step(rule):
     model, opt, learner = make_learner(rule)

@@ -401,6 +401,12 @@ def guarded_step(finite_input: bool = False, restore: Sequence[str] = ()) -> Cal
                     f"step() was called while this {self.name} learner's step() is running (from inside "
                     "the model's forward or a hook?); call it from the training loop only."
                 )
+            if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+                raise WrapError(
+                    "step() trains through autograd, but gradients are off here (inside torch.no_grad() or "
+                    "torch.inference_mode()); call it outside that block. To evaluate, use "
+                    "learner.predict(x_seq)."
+                )
             check_sequence_batch(x_seq, y, getattr(self, "T", None))  # the one layout check of a step
             check_devices(self.model, x_seq, y)
             check_neurons_pass_gradients(self.model, self.neurons)
