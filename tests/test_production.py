@@ -517,3 +517,90 @@ def test_a_compiled_model_gets_the_same_gradients_without_untraceable_calls(mode
     assert not [w for w in caught if "Dynamo does not know how to trace" in str(w.message)]
     for a, b in zip(gradients(False), compiled):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# -- gradient clipping ---------------------------------------------------------------------------
+def _grad_norms_at_each_optimizer_step(optimizer):
+    """Record the total 2-norm of the gradients that each optimizer step applies."""
+    norms = []
+    step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(*args, **kwargs)
+
+    optimizer.step = recording_step
+    return norms
+
+
+def test_sltt_clip_grad_norm_scales_the_batch_gradient_as_a_plain_loop_would():
+    (x, y), = _data()
+    reference = _fresh_model("s")
+    slr.wrap(reference, rule="sltt", optimizer=torch.optim.SGD(reference.parameters(), lr=0.0)).step(x, y)
+    grads = [p.grad.clone() for p in reference.parameters()]
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    limit = norm / 4
+    model = _fresh_model("s")
+    initial = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen = _grad_norms_at_each_optimizer_step(optimizer)
+    slr.wrap(model, rule="sltt", optimizer=optimizer, clip_grad_norm=limit).step(x, y)
+    factor = limit / (norm + 1e-6)  # torch's clip_grad_norm_ divides by the norm plus 1e-6
+    assert seen == [pytest.approx(norm * factor, rel=1e-5)]
+    for p, p0, g in zip(model.parameters(), initial, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * factor * g, rtol=1e-5, atol=1e-7)
+
+
+def test_sltt_clip_grad_norm_leaves_small_gradients_alone():
+    (x, y), = _data()
+    runs = []
+    for clip in (None, 1e6):
+        model = _fresh_model("s")
+        slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), clip_grad_norm=clip).step(x, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_tp_clip_grad_norm_clips_every_time_steps_update():
+    (x, y), = _data()
+    model = _tp_model("s")
+    learner = _tp_learner(model, "concat", clip_grad_norm=1e-3)
+    seen = _grad_norms_at_each_optimizer_step(learner.optimizer)
+    learner.step(x, y)
+    assert len(seen) == T and all(n <= 1e-3 * (1 + 1e-5) for n in seen)
+    unclipped = _tp_model("s")
+    learner = _tp_learner(unclipped, "concat")
+    free = _grad_norms_at_each_optimizer_step(learner.optimizer)
+    learner.step(x, y)
+    assert max(free) > 10 * 1e-3  # the limit was binding
+
+
+@pytest.mark.parametrize("rule", ["sltt", "tp"])
+def test_clip_grad_norm_applies_to_unscaled_gradients(rule):
+    # with a GradScaler the gradients are unscaled first, as torch's AMP recipe says: clipping the scaled
+    # ones would leave the step 1/scale times the limit
+    (x, y), = _data()
+    model = _fresh_model("s") if rule == "sltt" else _tp_model("s")
+    scaler = _cpu_scaler(init_scale=2.0 ** 10)
+    if rule == "sltt":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen = _grad_norms_at_each_optimizer_step(optimizer)
+        slr.wrap(model, rule="sltt", optimizer=optimizer, scaler=scaler, clip_grad_norm=1e-3).step(x, y)
+    else:
+        learner = _tp_learner(model, "concat", scaler=scaler, clip_grad_norm=1e-3)
+        seen = _grad_norms_at_each_optimizer_step(learner.optimizer)
+        learner.step(x, y)
+    assert seen and all(n == pytest.approx(1e-3, rel=1e-4) for n in seen)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1", True])
+def test_bad_clip_grad_norm_is_refused(bad):
+    model = _fresh_model("s")
+    with pytest.raises(slr.WrapError, match="clip_grad_norm must be a positive number"):
+        slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), clip_grad_norm=bad)
+    with pytest.raises(slr.WrapError, match="clip_grad_norm must be a positive number"):
+        _tp_learner(_tp_model("s"), "concat", clip_grad_norm=bad)
+    with pytest.raises(slr.WrapError, match="needs online mode.*clip_grad_norm_"):
+        slr.wrap(model, rule="sltt", clip_grad_norm=1.0)
+    assert slr.learner_of(model) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -164,6 +165,42 @@ def check_precision(autocast: Any, scaler: Any, online: bool) -> None:
             raise WrapError("scaler needs online mode (pass optimizer=...); in zero-change mode use it in your own loop.")
         if not all(callable(getattr(scaler, name, None)) for name in ("scale", "step", "update", "get_scale")):
             raise WrapError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}.")
+
+
+def check_clip_grad_norm(clip_grad_norm: Any, online: bool) -> None:
+    """Validate the ``clip_grad_norm=`` option shared by the online drivers."""
+    if clip_grad_norm is None:
+        return
+    if not online:
+        raise WrapError(
+            "clip_grad_norm= clips before the learner's own optimizer step, so it needs online mode "
+            "(optimizer=...); in zero-change mode clip in your loop (torch.nn.utils.clip_grad_norm_)."
+        )
+    number = isinstance(clip_grad_norm, (int, float)) and not isinstance(clip_grad_norm, bool)
+    if not number or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0:
+        raise WrapError(
+            f"clip_grad_norm must be a positive number (the largest total 2-norm of the gradients), got "
+            f"{clip_grad_norm!r}."
+        )
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Any, clip_grad_norm: Optional[float]) -> bool:
+    """The learner's optimizer step, with ``scaler`` (a ``GradScaler``: unscale, step or skip on inf/NaN,
+    update) and gradient clipping (the total 2-norm of the optimizer's gradients at most ``clip_grad_norm``,
+    after unscaling, as ``torch.nn.utils.clip_grad_norm_`` does in a plain loop). Returns whether the
+    scaler skipped the step."""
+    if clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    if scaler is None:
+        optimizer.step()
+        return False
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < scale
 
 
 def check_chunk(chunk: Any, max_memory: Any, online: bool) -> None:

@@ -32,10 +32,12 @@ from .base import (
     backward,
     check_optimizer,
     check_chunk,
+    check_clip_grad_norm,
     check_precision,
     check_sequence_batch,
     contiguous_runs,
     guarded_step,
+    optimizer_step,
     run_in_time,
 )
 
@@ -230,6 +232,10 @@ class SLTT(Rule):
     :param scaler: a ``torch.amp.GradScaler`` for float16: each step's loss is scaled before its backward,
         and once per batch the scaler unscales, checks for inf/NaN, steps the optimizer (or skips the whole
         batch, ``stats.skipped``) and updates its scale.
+    :param clip_grad_norm: online mode: before each optimizer step, scale the batch's gradients (of the
+        optimizer's parameters, unscaled first with a ``scaler``) down to a total 2-norm of at most this, as
+        ``torch.nn.utils.clip_grad_norm_`` between ``backward()`` and ``step()`` of a plain loop. ``None``:
+        no clipping.
 
     Distributed training: wrap the ``DistributedDataParallel`` model (``slr.wrap(ddp_model, ...)``). A model
     with ``no_sync()`` (DDP, FSDP) runs every backpropagated step but the batch's last one under it, so the
@@ -259,6 +265,7 @@ class SLTT(Rule):
         pack_spikes: bool = True,
         recompute_membrane: bool = True,
         cuda_graphs: bool = False,
+        clip_grad_norm: Optional[float] = None,
     ):
         super().__init__(model, neurons)
         self.optimizer = optimizer
@@ -311,6 +318,8 @@ class SLTT(Rule):
         self.packer: Optional[SpikePacker] = None
         check_precision(autocast, scaler, self.online)
         check_chunk(chunk, max_memory, self.online)
+        check_clip_grad_norm(clip_grad_norm, self.online)
+        self.clip_grad_norm = clip_grad_norm
         self.chunk = chunk
         self.max_memory = max_memory
         self.chunk_size: Optional[int] = None if chunk == "auto" else chunk  # "auto": set by the first batch
@@ -433,16 +442,11 @@ class SLTT(Rule):
                             for out in run_in_time(self.model, chunk, sequence_model, self.output):
                                 counts = _accumulate(counts, out)
             self._check_finite(finite, starts, total)
-            if self.scaler is not None:
-                # the scaler unscales, skips the step if any gradient overflowed, and adapts its scale:
-                # once per batch, however many steps were backpropagated
-                scale = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                skipped = self.scaler.get_scale() < scale
-            else:
+            if self.scaler is None:
                 self._check_finite_gradients(params)
-                self.optimizer.step()
+            # with a scaler: it unscales, skips the step if any gradient overflowed, and adapts its scale,
+            # once per batch however many steps were backpropagated
+            skipped = optimizer_step(self.optimizer, self.scaler, self.clip_grad_norm)
         except BaseException:
             # Keeping the previous batch's gradients to restore them would hold a second copy of every
             # gradient through the whole batch; a failed batch leaves .grad cleared instead.

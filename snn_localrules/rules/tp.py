@@ -34,9 +34,11 @@ from .base import (
     autocast_context,
     backward,
     check_optimizer,
+    check_clip_grad_norm,
     check_precision,
     check_sequence_batch,
     guarded_step,
+    optimizer_step,
     run_in_time,
 )
 from .sltt import install_temporal_cut
@@ -125,6 +127,9 @@ class TP(Rule):
     :param scaler: a ``torch.amp.GradScaler`` (float16). TP steps the optimizer at every time step, so
         the scaler scales, unscales, checks and updates at every time step, as GradScaler expects once
         per optimizer step; a step whose gradients overflow is skipped (``stats.skipped_steps``).
+    :param clip_grad_norm: before each optimizer step (every time step), scale the gradients of the
+        optimizer's parameters (unscaled first with a ``scaler``) down to a total 2-norm of at most this.
+        ``None``: no clipping.
     :param global_contrast: under ``DistributedDataParallel``, compare each sample's traces with the
         label-path traces of the *whole* global batch (all processes), so that training on P processes
         equals training on their concatenated batch in one process. Costs one all-gather of each
@@ -166,6 +171,7 @@ class TP(Rule):
         autocast: Union[None, bool, torch.dtype] = None,
         scaler: Optional[Any] = None,
         global_contrast: Optional[bool] = None,
+        clip_grad_norm: Optional[float] = None,
     ):
         super().__init__(model, neurons)
         if optimizer is None:
@@ -182,6 +188,7 @@ class TP(Rule):
                 f"label_batch must be one of {', '.join(map(repr, LABEL_BATCH_MODES))}, got {label_batch!r}."
             )
         check_precision(autocast, scaler, online=True)
+        check_clip_grad_norm(clip_grad_norm, online=True)
         if global_contrast not in (None, True, False):
             raise WrapError(f"global_contrast must be None, True or False, got {global_contrast!r}.")
         explicit = [n.describe() for n in self.neurons if n.explicit_state]
@@ -202,6 +209,7 @@ class TP(Rule):
         self.autocast = autocast
         self.scaler = scaler
         self.global_contrast = global_contrast
+        self.clip_grad_norm = clip_grad_norm
         self.projection: Optional[torch.Tensor] = None  # S, [O, *input_shape], made at the first batch
         layers = {id(n.module) for n in self.neurons if n.is_layer}
         last = _last_leaf(model, stop_at=layers)
@@ -392,14 +400,8 @@ class TP(Rule):
                 self.optimizer.zero_grad(set_to_none=True)
                 if total.requires_grad:
                     backward(total, self.scaler)
-                if self.scaler is not None:
-                    scale = self.scaler.get_scale()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    if self.scaler.get_scale() < scale:
-                        skipped.append(t)
-                else:
-                    self.optimizer.step()
+                if optimizer_step(self.optimizer, self.scaler, self.clip_grad_norm):
+                    skipped.append(t)
                 last_output = readout.detach()
                 self._detach_traces()
         finally:
