@@ -400,6 +400,28 @@ def test_a_users_autocast_block_around_several_steps_keeps_no_stale_weight_casts
     assert not all(torch.equal(a, b) for a, b in zip(option, fp32))  # bfloat16 really ran
 
 
+@pytest.mark.parametrize("rule", ["sltt", "tp"])
+def test_steps_run_where_autocast_does_not_know_the_device(rule, monkeypatch):
+    """torch 2.1's autocast refuses a device type it does not know (Apple's mps), even to turn itself off:
+    the learners' backward (and TP's losses) then run without that context, and train the same."""
+    def train():
+        model = _fresh_model("s") if rule == "sltt" else _tp_model("s")
+        if rule == "sltt":
+            learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+        else:
+            learner = _tp_learner(model, "concat")
+        for x, y in _data(batches=2):
+            learner.step(x, y)
+        return [p.detach().clone() for p in model.parameters()]
+
+    def refusing(device_type, *args, **kwargs):
+        raise RuntimeError(f"User specified an unsupported autocast device_type '{device_type}'")
+
+    plain = train()
+    monkeypatch.setattr(torch, "autocast", refusing)
+    assert all(torch.equal(a, b) for a, b in zip(plain, train()))
+
+
 def test_tp_bf16_autocast_trains_close_to_fp32_with_float32_traces():
     results = {}
     initial = [p.detach().clone() for p in _tp_model("s").parameters()]

@@ -245,12 +245,21 @@ def autocast_context(autocast: Union[None, bool, torch.dtype], device_type: str)
                           cache_enabled=False)
 
 
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type``, the caller's own block too; a no-op where this
+    torch's autocast does not know the device type (torch 2.1 and Apple's ``mps``): nothing to turn off."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except (RuntimeError, AttributeError):
+        return contextlib.nullcontext()
+
+
 def backward(loss: torch.Tensor, scaler: Any) -> None:
     """``loss.backward()``, scaled by ``scaler`` when there is one, outside autocast, the caller's own block
     too: autocast is for forwards, and a backward inside the caller's block gave other gradients than the
     same backward outside it (TP with SpikingJelly 0.0.0.0.14: 0.15 apart after three batches, against
     0.0 outside), so a block around ``step()`` would not train as ``autocast=`` does."""
-    with torch.autocast(loss.device.type, enabled=False):
+    with autocast_off(loss.device.type):
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
 

@@ -32,6 +32,7 @@ from .base import (
     OutputChoice,
     Rule,
     autocast_context,
+    autocast_off,
     backward,
     check_optimizer,
     check_clip_grad_norm,
@@ -362,7 +363,7 @@ class TP(Rule):
                         inputs = torch.cat([x_t, label_in], 0)
                         (out,) = run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
                 # the losses in float32, outside autocast, the caller's own too (traces are float32 already)
-                with torch.autocast(x_t.device.type, enabled=False):
+                with autocast_off(x_t.device.type):
                     losses = []
                     label_prev: Optional[torch.Tensor] = None
                     hidden = self._hidden_order()
