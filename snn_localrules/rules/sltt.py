@@ -435,7 +435,7 @@ class SLTT(Rule):
                 else:
                     # steps that are not backpropagated: forward only, in multi-step calls of at most
                     # nograd_chunk steps (fast, and memory stays bounded whatever T is)
-                    with torch.no_grad(), self._autocast_context(x_seq):
+                    with torch.no_grad(), autocast_context(self.autocast, x_seq.device.type):
                         longest = self._nograd_chunk(x_seq, stop - start)
                         for a in range(start, stop, longest):
                             chunk = x_seq[a : min(a + longest, stop)]
@@ -461,7 +461,7 @@ class SLTT(Rule):
                   saved: Any) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Forward, loss and backward of the steps ``first, first + 1, ...`` of ``x`` ``[c, B, ...]``: what
         a CUDA graph captures. Returns the per-step outputs and the chunk's loss (summed, over T)."""
-        with self._autocast_context(x), saved:
+        with autocast_context(self.autocast, x.device.type), saved:
             outs = run_in_time(self.model, x, sequence_model, self.output)
             loss = sum(self._step_loss(out, y, t) for t, out in enumerate(outs, first)) / T
         backward(loss, self.scaler)
@@ -487,9 +487,6 @@ class SLTT(Rule):
         if self.nograd_chunk is not None:
             return self.nograd_chunk
         return run if x_seq.device.type == "cuda" else 4
-
-    def _autocast_context(self, x_seq: torch.Tensor):
-        return autocast_context(self.autocast, x_seq.device.type)
 
     def _saved_bytes(self, measure: bool, x_seq: torch.Tensor):
         if not measure:
