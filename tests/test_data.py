@@ -259,6 +259,34 @@ def test_aedat3_reader(tmp_path):
     assert ev["p"].tolist() == [1, 0, 0, 1] and ev["t"].tolist() == [100, 200, 300, 2**31 + 5]
 
 
+def test_aedat3_reader_keeps_the_complete_events_of_a_cut_off_file(tmp_path):
+    pol = [(5, 7, 1, 1, 100), (6, 8, 0, 1, 200), (7, 9, 1, 1, 300)]
+    write_aedat3(tmp_path / "a.aedat", [aedat3_packet(1, pol[:1]), aedat3_packet(1, pol[1:])])
+    whole = (tmp_path / "a.aedat").read_bytes()
+    (tmp_path / "cut.aedat").write_bytes(whole[:-5])  # the last event's record is incomplete
+    with pytest.warns(UserWarning, match="1 of 2 events complete"):
+        ev = read_aedat3(str(tmp_path / "cut.aedat"))
+    assert ev["x"].tolist() == [5, 6] and ev["t"].tolist() == [100, 200]
+    (tmp_path / "bad.aedat").write_bytes(whole[:-(8 + 8 + 28)] + struct.pack("<hhiiiiii", 1, 1, 0, 4, 0, 2, 2, 2))
+    with pytest.raises(ValueError, match="corrupt AEDAT 3 packet header"):
+        read_aedat3(str(tmp_path / "bad.aedat"))
+
+
+def test_aedat_readers_refuse_other_versions(tmp_path):
+    write_aedat3(tmp_path / "gesture.aedat", [aedat3_packet(1, [(1, 2, 1, 1, 5)])])
+    with pytest.raises(ValueError, match=r"AEDAT 3\.1, but read_aedat2 .*read it with read_aedat3"):
+        read_aedat2(str(tmp_path / "gesture.aedat"))
+    write_aedat2(tmp_path / "cifar.aedat", [1], [2], [0], [5])
+    with pytest.raises(ValueError, match=r"AEDAT 2\.0, but read_aedat3 .*read it with read_aedat2"):
+        read_aedat3(str(tmp_path / "cifar.aedat"))
+    (tmp_path / "new.aedat").write_bytes(b"#!AER-DAT4.0\r\n" + bytes(64))
+    with pytest.raises(ValueError, match="AEDAT 4.0.*not supported"):
+        read_aedat2(str(tmp_path / "new.aedat"))
+    # files without a version line are read as the version asked for
+    (tmp_path / "bare.aedat").write_bytes(struct.pack(">II", (2 << 8) | (1 << 1), 5))
+    assert read_aedat2(str(tmp_path / "bare.aedat"), convention="raw")["x"].tolist() == [1]
+
+
 def test_dvs_gesture(tmp_path):
     rng = np.random.default_rng(2)
     written = {}
@@ -307,7 +335,8 @@ def write_aedat2(path, xs, ys, bits, ts, special=()):
 
 
 def test_aedat2_reader(tmp_path):
-    write_aedat2(tmp_path / "e.aedat", [0, 5, 127], [1, 100, 0], [1, 0, 1], [7, 8, 9], special=[(0x8000, 10)])
+    write_aedat2(tmp_path / "e.aedat", [0, 5, 127], [1, 100, 0], [1, 0, 1], [7, 8, 9],
+                 special=[(0x8000, 10), (0x80000000, 11), (0x80000000 | (3 << 8) | (4 << 1), 12)])
     raw = read_aedat2(str(tmp_path / "e.aedat"), convention="raw")
     assert raw["x"].tolist() == [0, 5, 127] and raw["y"].tolist() == [1, 100, 0]
     assert raw["p"].tolist() == [1, 0, 1] and raw["t"].tolist() == [7, 8, 9]
@@ -342,6 +371,13 @@ def test_cifar10_dvs(tmp_path):
     os.remove(tmp_path / "truck" / "cifar10_truck_1.aedat")
     with pytest.raises(FileNotFoundError, match="truck"):
         CIFAR10DVS(str(tmp_path))
+    # tonic's copy is AEDAT 4: say so rather than "not found"
+    aedat4 = tmp_path / "aedat4"
+    for cls in CLASSES:
+        os.makedirs(aedat4 / cls)
+        (aedat4 / cls / "cifar10_0.aedat4").write_bytes(b"#!AER-DAT4.0\r\n")
+    with pytest.raises(ValueError, match=r"(?s)\.aedat4 files \(AEDAT 4.*figshare"):
+        CIFAR10DVS(str(aedat4))
 
 
 # --------------------------------------------------------------------------------------------------------

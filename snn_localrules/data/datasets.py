@@ -26,6 +26,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -114,9 +115,11 @@ def read_aedat3(path: str) -> np.ndarray:
     ``eventCapacity * eventSize`` bytes. Packets of type 1 (polarity) hold 8-byte events: uint32 data (bit
     0 valid, bit 1 polarity, bits 2-16 y, bits 17-31 x) and int32 timestamp; the full timestamp is
     ``eventTSOverflow << 31 | timestamp`` (microseconds). Invalid events and other packet types are skipped.
+    A file cut off inside its last packet gives the events written completely, with a warning.
     """
     with open(path, "rb") as f:
         raw = f.read()
+    _check_aedat_version(path, raw, 3, "read_aedat3 reads AEDAT 3.1 (DVS128 Gesture)")
     pos = 0
     if raw.startswith(b"#"):
         end = raw.find(b"#!END-HEADER")
@@ -129,12 +132,23 @@ def read_aedat3(path: str) -> np.ndarray:
         etype, _src, esize, _tsoff, tsover, capacity, number, _valid = _AEDAT3_HEADER.unpack_from(raw, pos)
         pos += _AEDAT3_HEADER.size
         length = capacity * esize
-        if esize <= 0 or capacity < 0 or pos + length > len(raw):
+        if esize <= 0 or capacity < 0 or number < 0:
             raise ValueError(f"{path}: corrupt AEDAT 3 packet header at byte {pos - _AEDAT3_HEADER.size}")
+        number = min(number, capacity)
+        if pos + length > len(raw):
+            # a recording cut off in its last packet (a full disk, a killed logger): keep the events that
+            # were written completely, as other AEDAT readers do, and say so
+            whole = (len(raw) - pos) // esize
+            warnings.warn(
+                f"{path}: the file ends inside its last AEDAT 3 packet ({min(whole, number)} of {number} events "
+                f"complete); the complete ones are kept", stacklevel=2,
+            )
+            number = min(number, whole)
+            length = len(raw) - pos
         if etype == 1 and number > 0:
             if esize != 8:
                 raise ValueError(f"{path}: polarity events of {esize} bytes (expected 8)")
-            ev = np.frombuffer(raw, dtype=pol_dtype, count=min(number, capacity), offset=pos)
+            ev = np.frombuffer(raw, dtype=pol_dtype, count=number, offset=pos)
             pieces.append((ev, tsover))
         pos += length
     if not pieces:
@@ -144,6 +158,27 @@ def read_aedat3(path: str) -> np.ndarray:
     valid = (data & 1).astype(bool)
     data, ts = data[valid], ts[valid]
     return _events((data >> 17) & 0x7FFF, (data >> 2) & 0x7FFF, ts, (data >> 1) & 1)
+
+
+_AEDAT2_SPECIAL = 0x8000 | 0x80000000  # jAER: a sync (external input) event, or a special event
+_AEDAT_VERSION = re.compile(rb"#!AER-DAT(\d+)\.(\d+)")
+
+
+def _check_aedat_version(path: str, raw: bytes, major: int, what: str) -> None:
+    """Refuse a file whose first header line names an AEDAT major version other than ``major`` (a file
+    without that line is taken as the expected version, as jAER and libcaer write it first)."""
+    found = _AEDAT_VERSION.match(raw, 0, 32)
+    if found is None or int(found.group(1)) == major:
+        return
+    version = f"{int(found.group(1))}.{int(found.group(2))}"
+    hint = {
+        2: "read it with read_aedat2",
+        3: "read it with read_aedat3",
+        4: "AEDAT 4 (the .aedat4 files of tonic's copy of CIFAR10-DVS, DV software recordings) is not "
+           "supported: use the original AEDAT 2.0 release of the dataset, or convert the file with the "
+           "DV software",
+    }.get(int(found.group(1)), "this version is not supported")
+    raise ValueError(f"{path}: the header says AEDAT {version}, but {what}; {hint}.")
 
 
 def read_gesture_labels(path: str) -> np.ndarray:
@@ -163,7 +198,9 @@ def read_aedat2(path: str, convention: str = "jaer") -> np.ndarray:
     big-endian pairs (uint32 address, uint32 timestamp in microseconds).
 
     Raw DVS128 address bits: ``x = (addr >> 1) & 0x7F``, ``y = (addr >> 8) & 0x7F``, ``bit = addr & 1``;
-    addresses with bit 15 set (jAER's external/special events) are dropped. ``convention`` maps them:
+    addresses with bit 15 or bit 31 set (jAER's sync and special events) are dropped. A file whose
+    header names another AEDAT version is refused (AEDAT 4, as in tonic's copy of CIFAR10-DVS, is a
+    different, compressed format). ``convention`` maps them:
 
     * ``"jaer"`` (default): as jAER's DVS128 extractor and the CAVIAR ``dat2mat.m`` read them:
       ``x = 127 - raw_x``, ``y = raw_y``, ``p = 1 - bit`` (the address bit is 0 for ON events);
@@ -174,6 +211,7 @@ def read_aedat2(path: str, convention: str = "jaer") -> np.ndarray:
     """
     with open(path, "rb") as f:
         raw = f.read()
+    _check_aedat_version(path, raw, 2, "read_aedat2 reads AEDAT 2.0 (the CIFAR10-DVS files on figshare)")
     pos = 0
     while raw.startswith(b"#", pos):
         nl = raw.find(b"\n", pos)
@@ -183,7 +221,7 @@ def read_aedat2(path: str, convention: str = "jaer") -> np.ndarray:
     n = (len(raw) - pos) // 8
     words = np.frombuffer(raw, dtype=">u4", count=2 * n, offset=pos).reshape(n, 2)
     addr, ts = words[:, 0].astype(np.int64), words[:, 1].astype(np.int64)
-    keep = (addr & 0x8000) == 0
+    keep = (addr & _AEDAT2_SPECIAL) == 0
     addr, ts = addr[keep], ts[keep]
     rx, ry, bit = (addr >> 1) & 0x7F, (addr >> 8) & 0x7F, addr & 1
     if convention == "raw":
@@ -438,8 +476,10 @@ class DVSGesture(_CameraDataset):
     Layout (the unpacked ``DvsGesture.tar.gz``): ``root/user01_fluorescent.aedat`` with
     ``root/user01_fluorescent_labels.csv`` (``class, startTime_usec, endTime_usec``) and so on, plus
     ``trials_to_train.txt`` / ``trials_to_test.txt``; without those lists users 1-23 are train and 24-29
-    test. ``root`` may also be the folder that contains ``DvsGesture/``. One sample per labelled gesture
-    (1342 in all); a file's events are parsed on access and the last ``cache_files`` files kept.
+    test. ``root`` may also be the folder that contains ``DvsGesture/``. One sample per row of the label
+    files (the paper counts 1342 gesture instances; SpikingJelly's loader, one sample per row too, counts
+    1176 train and 288 test samples); a file's events are parsed on access and the last ``cache_files``
+    files kept.
 
     :param size: output ``H = W``; default 128, e.g. 32 sums 4x4 pixel blocks (any size works; sizes that
         do not divide 128 are area-resized, see :func:`~snn_localrules.data.events.to_frames`).
@@ -585,6 +625,12 @@ class CIFAR10DVS(_CameraDataset):
             self.files += found
             self.targets += [label] * len(found)
         if missing:
+            if glob.glob(os.path.join(root, "*", "*.aedat4")):
+                raise ValueError(
+                    f"CIFAR10-DVS under {root!r} holds .aedat4 files (AEDAT 4, the copy tonic downloads), "
+                    f"which this reader does not decode. Get the original AEDAT 2.0 files from "
+                    f"{self.SOURCE} and unpack them as:\n{self.LAYOUT}"
+                )
             raise _missing(
                 f"CIFAR10-DVS (no .aedat files for {', '.join(missing)})", root, self.LAYOUT, self.SOURCE
             )
