@@ -446,7 +446,7 @@ class SHD(EventDataset):
         try:
             import h5py
         except ImportError as e:  # pragma: no cover - h5py is in install.sh
-            raise ImportError("Reading SHD needs h5py: pip install h5py") from e
+            raise ImportError("Reading SHD needs h5py: pip install snn-localrules[data] (or h5py)") from e
         with h5py.File(self.path, "r") as f:
             self.times = [np.asarray(a) for a in f["spikes"]["times"][:]]
             self.units = [np.asarray(a) for a in f["spikes"]["units"][:]]
