@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,10 @@ from snn_localrules.hookspecs import hookimpl
 _NEURON_BASE = "snntorch._neurons.neurons"
 _LOSSES = "snntorch.functional.loss"
 
-# per-step decomposable snnTorch losses -> which element of (spk, mem) they read
-_STEP_LOSSES = {"ce_rate_loss": 0, "mse_membrane_loss": 1}
+# per-step decomposable snnTorch losses -> which element of a neuron's output tuple they read: the spikes
+# come first and the membrane last in every snnTorch neuron ((spk, mem); Synaptic (spk, syn, mem); Alpha
+# (spk, syn_exc, syn_inh, mem))
+_STEP_LOSSES = {"ce_rate_loss": 0, "mse_membrane_loss": -1}
 _WHY_NOT = {
     "ce_count_loss": "it applies CE to spike counts summed over time; use SF.ce_rate_loss() or loss='ce'",
     "mse_count_loss": "it compares spike counts summed over time; use loss='mse' per step",
@@ -34,9 +36,21 @@ _WHY_NOT = {
 }
 
 
-def _state_names(cls: type) -> Tuple[str, ...]:
-    params = list(inspect.signature(cls.forward).parameters)[2:]  # skip self, input_
-    return tuple(params)
+def _state_names(cls: type, buffers: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
+    """The carried state a neuron class's ``forward(input_, <state>...)`` names. A subclass whose own
+    ``forward`` names none of ``buffers`` (``def forward(self, x): return super().forward(x)``) keeps the
+    state of the snnTorch class it derives from: the nearest class in its MRO whose ``forward`` names some."""
+    for klass in cls.__mro__:
+        forward = vars(klass).get("forward")
+        if forward is None:
+            continue
+        try:
+            params = tuple(inspect.signature(forward).parameters)[2:]  # skip self, input_
+        except (TypeError, ValueError):
+            continue
+        if buffers is None or any(name in buffers for name in params):
+            return params
+    return ()
 
 
 class SnnTorchNeuron(NeuronAdapter):
@@ -47,7 +61,7 @@ class SnnTorchNeuron(NeuronAdapter):
     def __init__(self, module: nn.Module):
         super().__init__(module)
         buffers = dict(module.named_buffers(recurse=False))
-        self.state_names = tuple(n for n in _state_names(type(module)) if n in buffers)
+        self.state_names = tuple(n for n in _state_names(type(module), buffers) if n in buffers)
 
     def reset_state(self) -> None:
         reset = getattr(self.module, "reset_mem", None)
@@ -89,7 +103,11 @@ def slr_step_loss(loss: object) -> Optional[StepLoss]:
     if name in _STEP_LOSSES and not getattr(loss, "time_var_targets", False):
         # each is (1/T) sum_t of a per-step term: on a one-step sequence it gives exactly that term
         return StepLoss(lambda o, y: loss(o.unsqueeze(0), y), f"snntorch.{name}", _STEP_LOSSES[name])
-    reason = _WHY_NOT.get(name, "it is not known to be a sum of per-time-step terms")
+    if name in _STEP_LOSSES:
+        reason = ("it takes a target per time step (time_var_targets=True), but step() takes one label per "
+                  "sample, y [B]; build it without time_var_targets, or use zero-change mode")
+    else:
+        reason = _WHY_NOT.get(name, "it is not known to be a sum of per-time-step terms")
     raise LossError(
         f"snnTorch's {name} cannot be used by an online rule, which backpropagates each time step's "
         f"loss at once: {reason}."

@@ -136,14 +136,27 @@ def test_snntorch_losses():
     assert s_rate.loss == pytest.approx(s_ce.loss, rel=1e-6)
     for a, b in zip(g_ce, g_rate):
         torch.testing.assert_close(a, b)
-    # the membrane loss reads element 1 of (spk, mem)
+    # the membrane loss reads the membrane, the last element of (spk, mem), (spk, syn, mem), ...
     torch.manual_seed(5)
     model = snn_sequential()
     learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                        loss=SF.mse_membrane_loss())
-    assert learner.output == 1
+    assert learner.output == -1
     learner.step(x, y)
     learner.unwrap()
+    membrane_loss = SF.mse_membrane_loss()
+    by_index = []
+    for options in (dict(loss=membrane_loss), dict(loss=lambda o, t: membrane_loss(o.unsqueeze(0), t), output=2),
+                    dict(loss=lambda o, t: membrane_loss(o.unsqueeze(0), t), output=1)):
+        torch.manual_seed(5)
+        by_index.append(_online(snn_sequential("Synaptic"), x, y, **options))  # (spk, syn, mem)
+    (s_mem, g_mem), (s_two, g_two), (s_syn, g_syn) = by_index
+    assert s_mem.loss == s_two.loss != s_syn.loss
+    for a, b in zip(g_mem, g_two):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(slr.LossError, match=r"target per time step \(time_var_targets=True\)"):
+        slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                 loss=SF.mse_membrane_loss(time_var_targets=True))
     for bad in (SF.ce_count_loss(), SF.mse_count_loss()):
         with pytest.raises(slr.LossError, match="cannot be used by an online rule"):
             slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss=bad)

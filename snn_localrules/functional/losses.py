@@ -28,7 +28,7 @@ class StepLoss:
     :param fn: ``fn(o_t, y) -> scalar`` for one step; ``o_t`` is ``[B, C]``, ``y`` is ``[B]`` class indices.
     :param name: shown in reprs and errors.
     :param output_index: which element of a tuple model output the loss wants (``None``: no preference;
-        snnTorch membrane losses want the membrane, element 1 of ``(spk, mem)``).
+        snnTorch membrane losses want the membrane, the last element of ``(spk, [syn, ...] mem)``: -1).
     """
 
     fn: StepLossFn

@@ -179,7 +179,8 @@ class SLTT(Rule):
     :param sample: how SLTT-K picks its steps: ``"random"`` (as the authors' code) or ``"last"``.
     :param seed: seed of the learner's own generator for SLTT-K's draws.
     :param output: which element of a tuple model output the loss uses (index, or callable). Default 0
-        (snnTorch's spikes), or 1 (membrane) for snnTorch's membrane losses.
+        (snnTorch's spikes), or -1 (the membrane, last in every snnTorch neuron's output) for snnTorch's
+        membrane losses.
     :param multi_step: feed the model whole ``[c, B, ...]`` chunks (``True``) or one ``[B, ...]`` step per
         call (``False``). Default: chunks when the model's neurons are in multi-step mode.
     :param T: if given, every batch must have exactly T steps.
