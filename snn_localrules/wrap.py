@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import types
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
@@ -87,6 +88,15 @@ def find_neurons(model: nn.Module) -> List[NeuronAdapter]:
             found.append(adapter)
         elif module is not model and not list(module.children()) and _looks_like_neuron(module):
             suspects.append(f"{name or '<model>'} ({type(module).__module__}.{type(module).__name__})")
+    if found and suspects:
+        # one unsupported neuron beside supported ones would keep its temporal route: say so
+        warnings.warn(
+            f"these modules look like spiking neurons but no plugin supports their class, so "
+            f"snn-localrules leaves them as they are (their state is not cut between time steps): "
+            f"{', '.join(suspects)}. If they are neurons, register an adapter for them (see "
+            "snn_localrules.NeuronAdapter and the plugin docs); if not, ignore this warning.",
+            UserWarning, stacklevel=3,
+        )
     if not found:
         per_framework: dict = {}
         for info in supported_neurons():

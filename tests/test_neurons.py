@@ -234,6 +234,34 @@ def test_snntorch_init_hidden_false(name):
     _close(model, [p.grad for p in ref.parameters()])
 
 
+def test_snntorch_subclass_with_its_own_forward_keeps_the_state_of_its_parent():
+    """``class MyLeaky(snn.Leaky): def forward(self, x)`` names no state: it is Leaky's, and cut as Leaky's."""
+    import snntorch as snn
+    from snntorch import utils
+
+    class MyLeaky(snn.Leaky):
+        def forward(self, x):
+            return super().forward(x)
+
+    def build(cls):
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Linear(12, 16), cls(beta=0.8, init_hidden=True), nn.Linear(16, 5),
+                             snn.Leaky(beta=0.8, init_hidden=True, output=True))
+
+    x, y = torch.rand(T, B, 12) * 2, torch.randint(0, 5, (B,))
+    grads = []
+    for cls in (snn.Leaky, MyLeaky):
+        model = build(cls)
+        learner = slr.wrap(model, rule="sltt")
+        assert [n.state_names for n in learner.neurons] == [("mem",), ("mem",)]
+        utils.reset(model)
+        (sum(F.cross_entropy(model(x[t])[1], y) for t in range(T)) / T).backward()
+        learner.unwrap()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_spikingjelly_recurrent_container_state_is_cut(step_mode):
     """LinearRecurrentContainer feeds its last output back: SLTT cuts that route like a membrane."""

@@ -70,6 +70,13 @@ def test_no_neuron_and_unknown_neuron_class():
         slr.wrap(nn.Sequential(nn.Linear(3, 3), MyLIFNeuron()), rule="sltt")
     with pytest.raises(slr.UnsupportedModelError, match="nn.Module"):
         slr.wrap("not a model", rule="sltt")
+    # beside a supported neuron, an unsupported one would keep its temporal route: a warning names it
+    model = sj_mlp()
+    model.append(MyLIFNeuron())
+    with pytest.warns(UserWarning, match=r"look like spiking neurons.*4 \(.*MyLIFNeuron\).*register an adapter"):
+        learner = slr.wrap(model, rule="sltt")
+    assert [n.module for n in learner.neurons] == [model[1], model[3]]
+    learner.unwrap()
 
 
 def test_unknown_rule_lists_known():
