@@ -431,7 +431,7 @@ def test_tp_same_neuron_module_used_twice_is_refused():
     model = nn.Sequential(layer.Linear(12, 16), lif, layer.Linear(16, 16), lif, layer.Linear(16, C))
     model, opt, learner = make_learner("tp", model=model, warm=False)
     before = state(model, opt, learner)
-    with pytest.raises(slr.WrapError, match=r"more than once per time step.*deepcopy"):
+    with pytest.raises(slr.WrapError, match=r"more than once in one call.*deepcopy"):
         learner.step(*batch())
     assert_unchanged(before, model, opt, learner)
 

@@ -357,6 +357,71 @@ def run_in_time(
     )
 
 
+def named_neurons(model: nn.Module, neurons: Sequence[NeuronAdapter], most: int = 4) -> str:
+    """``'3' (spikingjelly.LIFNode), 'lif2' (snntorch.Leaky), ...``: where each neuron sits in ``model``."""
+    names = {id(module): name for name, module in model.named_modules()}
+    listed = ", ".join(f"{names.get(id(neuron.module)) or '<model>'!r} ({neuron.describe()})"
+                       for neuron in neurons[:most])
+    return listed + (f", ... ({len(neurons)} in all)" if len(neurons) > most else "")
+
+
+def repeated_neurons_error(model: nn.Module, neurons: Sequence[NeuronAdapter], rule: str,
+                           batchless: bool = False) -> WrapError:
+    """The error for neurons that ran more than once while an online learner fed the model one time step
+    (``[B, ...]``) per call: its forward loops over time itself, or (TP, which keeps one trace per neuron
+    module) one neuron instance serves two layers. ``batchless``: their inputs had lost the batch
+    dimension, so the forward can only have looped over it."""
+    return WrapError(
+        f"the neuron module(s) {named_neurons(model, neurons)} ran more than once in one call of the model"
+        + (", on inputs without the batch dimension," if batchless else ",")
+        + f" while rule={rule!r} feeds the model one time step [B, ...] per call. "
+        + ("The model's forward loops over time itself, and treats the batch rows as time steps: "
+           if batchless else "Either the model's forward loops over time itself: ")
+        + "let the learner run the time loop, with a forward that computes one step; or, if forward steps "
+        "through the first dimension of its input and resets no state, pass multi_step=True so that it gets "
+        "[T, B, ...] sequences"
+        + ("; or keep your own loop in zero-change mode, slr.wrap(model, rule='sltt') without an optimizer"
+           if rule == "sltt" else "")
+        + ("." if batchless else
+           ". Or one neuron instance serves two layers: give each layer its own (copy.deepcopy the neuron).")
+    )
+
+
+class NeuronCalls:
+    """Counts how often each neuron module runs, and on what, until :meth:`remove`. A model fed one time
+    step ``[B, ...]`` per call whose neurons run more often than the model, on inputs that have lost the
+    batch dimension, has a forward that loops over time itself: it steps through the batch rows. (A neuron
+    instance used twice per step runs twice on ``[B, ...]``: SLTT cuts its state at each call.) Temporary
+    forward pre-hooks, for a learner's first batch."""
+
+    def __init__(self, neurons: Sequence[NeuronAdapter], batch: int):
+        self.neurons = list(neurons)
+        self.batch = batch
+        self.calls: Dict[int, int] = {}
+        self.batchless: set = set()
+        self._handles = [n.module.register_forward_pre_hook(self._count)
+                         for n in {id(n.module): n for n in self.neurons}.values()]
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] != self.batch):
+            self.batchless.add(id(module))
+
+    def check(self, model: nn.Module, model_calls: int, rule: str) -> None:
+        """Raise :func:`repeated_neurons_error` if a neuron ran more than ``model_calls`` times on inputs
+        without the batch dimension."""
+        looped = [n for n in self.neurons
+                  if self.calls.get(id(n.module), 0) > model_calls and id(n.module) in self.batchless]
+        if looped:
+            raise repeated_neurons_error(model, looped, rule, batchless=True)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
 def contiguous_runs(selected: Iterable[int], steps: int) -> List[tuple]:
     """Split ``range(steps)`` into runs ``(start, stop, is_selected)`` of consecutive steps."""
     chosen = set(selected)
@@ -415,13 +480,10 @@ def check_neurons_pass_gradients(model: nn.Module, neurons: Sequence[NeuronAdapt
     blocked = [(neuron, reason) for neuron in neurons for reason in (neuron.passes_no_gradient(),) if reason]
     if not blocked:
         return
-    names = {id(module): name for name, module in model.named_modules()}
-    listed = ", ".join(f"{names.get(id(neuron.module)) or '<model>'!r} ({neuron.describe()})"
-                       for neuron, _ in blocked[:4])
-    more = f", ... ({len(blocked)} in all)" if len(blocked) > 4 else ""
+    listed = named_neurons(model, [neuron for neuron, _ in blocked])
     passes = "passes no gradient to its" if len(blocked) == 1 else "pass no gradient to their"
     raise WrapError(
-        f"{listed}{more} {passes} input now, so only the layers after the last neuron would get one: "
+        f"{listed} {passes} input now, so only the layers after the last neuron would get one: "
         f"{blocked[0][1]}."
     )
 

@@ -25,6 +25,7 @@ from ..memory import SavedBytes, memory_budget, storage_keys
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks
 from .base import (
+    NeuronCalls,
     OutputChoice,
     Rule,
     all_finite,
@@ -339,6 +340,9 @@ class SLTT(Rule):
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
+        # the first batch fed one step per call counts neuron calls (a forward that loops over time itself)
+        self._calls: Optional[NeuronCalls] = None
+        self._calls_checked = False
 
     def install(self, hooks: ModuleHooks) -> None:
         # a model that is itself one neuron has nothing downstream that saves its spikes
@@ -396,6 +400,8 @@ class SLTT(Rule):
         no_sync = getattr(self.model, "no_sync", None)  # DDP/FSDP: all-reduce once per batch, not per step
         last_backprop = selected[-1] if selected else None
         self._graphs_for(x_seq, no_sync)
+        if not self._calls_checked and not sequence_model:
+            self._calls = NeuronCalls(self.neurons, x_seq.shape[1])
         self.reset_state()
         self.optimizer.zero_grad(set_to_none=True)
         model_params = list(self.model.parameters()) if self.graphs is not None else []
@@ -440,7 +446,7 @@ class SLTT(Rule):
                         longest = self._nograd_chunk(x_seq, stop - start)
                         for a in range(start, stop, longest):
                             chunk = x_seq[a : min(a + longest, stop)]
-                            for out in run_in_time(self.model, chunk, sequence_model, self.output):
+                            for out in self._run(chunk, sequence_model):
                                 counts = _accumulate(counts, out)
             self._check_finite(finite, starts, total)
             if self.scaler is None:
@@ -454,6 +460,9 @@ class SLTT(Rule):
             self.optimizer.zero_grad(set_to_none=True)
             raise
         finally:
+            if self._calls is not None:
+                self._calls.remove()
+                self._calls = None
             self.reset_state()
         return StepStats(loss=float(total) if total is not None else 0.0, steps=selected, output_counts=counts,
                          T=T, skipped=skipped)
@@ -463,10 +472,21 @@ class SLTT(Rule):
         """Forward, loss and backward of the steps ``first, first + 1, ...`` of ``x`` ``[c, B, ...]``: what
         a CUDA graph captures. Returns the per-step outputs and the chunk's loss (summed, over T)."""
         with autocast_context(self.autocast, x.device.type), saved:
-            outs = run_in_time(self.model, x, sequence_model, self.output)
+            outs = self._run(x, sequence_model)
             loss = sum(self._step_loss(out, y, t) for t, out in enumerate(outs, first)) / T
         backward(loss, self.scaler)
         return outs, loss
+
+    def _run(self, x: torch.Tensor, sequence_model: bool) -> List[torch.Tensor]:
+        """``run_in_time`` of the model over ``x`` ``[c, B, ...]``; on the first batch of a model fed one
+        step per call, first check that no neuron ran more often than the model (before any backward)."""
+        outs = run_in_time(self.model, x, sequence_model, self.output)
+        if self._calls is not None:
+            calls, self._calls = self._calls, None
+            calls.remove()
+            calls.check(self.model, len(x), self.name)
+            self._calls_checked = True
+        return outs
 
     def _graphs_for(self, x_seq: torch.Tensor, no_sync: Any) -> None:
         """Turn the CUDA graphs off, saying why once, for batches they cannot serve (``no_sync``: the

@@ -40,6 +40,7 @@ from .base import (
     check_sequence_batch,
     guarded_step,
     optimizer_step,
+    repeated_neurons_error,
     run_in_time,
 )
 from .sltt import install_temporal_cut
@@ -455,12 +456,9 @@ class TP(Rule):
             for module, training in modes:
                 module.training = training
             self.reset_state()
-        repeated = sorted({self.neurons[i].describe() for i in self._seen if self._seen.count(i) > 1})
+        repeated = [self.neurons[i] for i in sorted(set(self._seen)) if self._seen.count(i) > 1]
         if repeated:
-            raise WrapError(
-                f"the neuron module(s) {', '.join(repeated)} run more than once per time step; TP keeps one "
-                "trace per neuron module, so each layer needs its own instance (copy.deepcopy the neuron)."
-            )
+            raise repeated_neurons_error(self.model, repeated, self.name)
         self._order = list(dict.fromkeys(self._seen))
         if not self._hidden_order():
             raise WrapError("rule='tp' needs at least one hidden neuron layer before the readout.")
