@@ -12,7 +12,7 @@ batch B in {32, 128}. The methods:
 * ``sj_online``  -- SpikingJelly's own online SLTT: ``SLTTLIFNode`` driven by ``ottt_online_training``.
 * ``sltt_c1``, ``sltt_c2``, ``sltt_c5`` -- this plugin's online SLTT, ``chunk=1, 2, 5``.
 * ``sltt_auto``  -- the same with ``chunk="auto"`` and ``max_memory=--auto-max-memory``.
-* ``sltt_k2``    -- SLTT-2 (``K=2``, chunk 1).
+* ``sltt_k2``    -- SLTT-2 (``K=2``, chunk 1, ``nograd_chunk=T``: a run of forward-only steps per call).
 * ``sltt_fused`` -- zero-change mode: ``slr.wrap(model, rule="sltt")`` and the user's BPTT loop unchanged.
 * ``sltt_c1_plain``, ``sltt_fused_plain`` -- chunk 1 and zero-change mode with ``pack_spikes=False,
   recompute_membrane=False``: what the two memory options cost in time and save in memory on a GPU.
@@ -359,7 +359,9 @@ def method_settings(method: str, args) -> Dict[str, Any]:
     elif method == "sltt_auto":
         wrap.update(chunk="auto", max_memory=parse_budget(args.auto_max_memory))
     elif method == "sltt_k2":
-        wrap.update(K=2, seed=args.seed)
+        # issue 8's SLTT-K on GPU: each run of forward-only steps as one no-grad multi-step call (the model's
+        # batch norm then normalises such a run over its steps * B samples; the default follows chunk)
+        wrap.update(K=2, seed=args.seed, nograd_chunk=getattr(args, "T", None) or max(args.Ts))
     if args.cuda_graphs:
         wrap["cuda_graphs"] = True
     return {"optimizer": common["optimizer"], "wrap": wrap, "mode": "online (learner.step)"}

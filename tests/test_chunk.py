@@ -1,15 +1,17 @@
 """Online SLTT with ``chunk=c``: c steps per forward and per backward, the same SLTT gradients, fewer
 backward calls, more activations held; ``chunk="auto"`` from a memory budget. (The per-neuron gradient
 checks against the hand-written reference are in test_sltt_reference.py::test_api_online_mode_chunked.)"""
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import snn_localrules as slr
 from snn_localrules.memory import SavedBytes, memory_budget, storage_keys
-from tests.models import sj_mlp, snn_sequential
+from tests.models import sj_conv, sj_mlp, snn_sequential
 
 T, B = 7, 6
 
@@ -249,8 +251,8 @@ def test_checkpoint_keeps_the_chunk(tmp_path):
     assert other.chunk_size == learner.chunk_size == T
 
 
-def _nograd_call_lengths(device, **kwargs):
-    model = sj_mlp("LIFNode", step_mode="m", tau=2.0).to(device)
+def _nograd_call_lengths(device, model=None, **kwargs):
+    model = (model if model is not None else sj_mlp("LIFNode", step_mode="m", tau=2.0)).to(device)
     learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                        K=2, sample="last", **kwargs)
     lengths = []
@@ -267,6 +269,52 @@ def test_sltt_k_forward_only_runs_in_calls_of_at_most_nograd_chunk_steps():
     assert _nograd_call_lengths("cpu") == [4, 4, 2]  # CPU default: at most 4 steps per call
     assert _nograd_call_lengths("cpu", nograd_chunk=10) == [10]
     assert _nograd_call_lengths("cpu", nograd_chunk=3) == [3, 3, 3, 1]
+
+
+def _with_batch_norm(track_running_stats=True):
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    model = nn.Sequential(layer.Linear(12, 16), layer.BatchNorm1d(16, track_running_stats=track_running_stats),
+                          neuron.LIFNode(tau=2.0), layer.Linear(16, 5))
+    functional.set_step_mode(model, "m")
+    return model
+
+
+def test_sltt_k_forward_only_steps_of_a_batch_norm_model_follow_chunk():
+    """A batch norm with batch statistics would normalise a multi-step call's steps together: by default
+    the forward-only steps then run as the backpropagated ones do, ``chunk`` steps per call."""
+    assert _nograd_call_lengths("cpu", _with_batch_norm()) == [1] * 10
+    assert _nograd_call_lengths("cpu", _with_batch_norm(), chunk=3) == [3, 3, 3, 1]
+    assert _nograd_call_lengths("cpu", _with_batch_norm(track_running_stats=False).eval()) == [1] * 10
+    assert _nograd_call_lengths("cpu", _with_batch_norm().eval()) == [4, 4, 2]  # running statistics
+    assert _nograd_call_lengths("cpu", _with_batch_norm(), nograd_chunk=5) == [5, 5]  # asked for
+
+
+def test_sltt_k_with_batch_norm_equals_a_per_step_reference():
+    """SLTT-2 on a multi-step conv+BN model: gradients and running statistics as a hand-written loop that
+    runs every step alone (forward-only ones under no_grad), membranes detached before each step."""
+    from spikingjelly.activation_based import functional
+
+    torch.manual_seed(6)
+    model = sj_conv("m")
+    reference = copy.deepcopy(model)
+    x, y = (torch.rand(7, B, 2, 8, 8) < 0.4).float(), torch.randint(0, 5, (B,))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), K=2, seed=5)
+    steps = learner.step(x, y).steps
+    learner.unwrap()
+    functional.reset_net(reference)
+    lif = reference[2]
+    for t in range(7):
+        if isinstance(lif.v, torch.Tensor):
+            lif.v = lif.v.detach()
+        with torch.set_grad_enabled(t in steps):
+            out = reference(x[t : t + 1])[0]
+        if t in steps:
+            (F.cross_entropy(out, y) / 7).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    for a, b in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

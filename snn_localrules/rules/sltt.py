@@ -76,6 +76,11 @@ def _accumulate(counts: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tens
     return out.to(dtype, copy=True) if counts is None else counts + out.to(dtype)
 
 
+def _normalises_over_batch(norm: nn.Module) -> bool:
+    """Whether a batch norm uses the statistics of its input batch now (as ``_BatchNorm.forward`` decides)."""
+    return norm.training or getattr(norm, "running_mean", None) is None
+
+
 def _cut_state_pre_hook(neuron: NeuronAdapter) -> Callable:
     """A forward pre-hook: the neuron's carried state enters this call as a constant."""
 
@@ -186,10 +191,14 @@ class SLTT(Rule):
         call (``False``). Default: chunks when the model's neurons are in multi-step mode.
     :param T: if given, every batch must have exactly T steps.
     :param nograd_chunk: SLTT-K runs the steps it does not backpropagate forward only, as multi-step
-        calls of at most this many steps (multi-step models): longer is faster, shorter holds less.
-        ``None`` (default): on CUDA one call per run of unselected steps (launches are what cost there,
-        and a no-grad call frees each layer's activations as it goes), on CPU at most 4 steps per call
-        (measured on the project's CPU machine: 8 held about 30 MB more at T=16 for little gain).
+        calls of at most this many steps (multi-step models): longer is faster, shorter holds less. A batch
+        norm that normalises with batch statistics (training mode) then normalises over the call's
+        ``steps · B`` samples and updates its running statistics once per call. ``None`` (default): with
+        such a batch norm in the model, as many steps per call as ``chunk`` (1 unless set; the chunk size
+        found by ``"auto"``), so that every step, backpropagated or not, sees the same normalisation, on
+        any device; without one, on CUDA one call per run of unselected steps (launches are what cost
+        there, and a no-grad call frees each layer's activations as it goes), on CPU at most 4 steps per
+        call (measured on the project's CPU machine: 8 held about 30 MB more at T=16 for little gain).
     :param fused: run a multi-step call of a neuron that has a fused SLTT form (SpikingJelly ``IFNode``,
         ``LIFNode``, ``ParametricLIFNode``) as one call with an elementwise backward over all its steps
         (:mod:`snn_localrules.functional.sltt_multistep`) instead of step by step: the same gradients,
@@ -340,6 +349,7 @@ class SLTT(Rule):
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
+        self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # the first batch fed one step per call counts neuron calls (a forward that loops over time itself)
         self._calls: Optional[NeuronCalls] = None
         self._calls_checked = False
@@ -507,6 +517,8 @@ class SLTT(Rule):
     def _nograd_chunk(self, x_seq: torch.Tensor, run: int) -> int:
         if self.nograd_chunk is not None:
             return self.nograd_chunk
+        if any(_normalises_over_batch(norm) for norm in self._batch_norms):
+            return self.chunk_size or 1  # the backpropagated steps' normalisation, not the device's choice
         return run if x_seq.device.type == "cuda" else 4
 
     def _saved_bytes(self, measure: bool, x_seq: torch.Tensor):
