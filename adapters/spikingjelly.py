@@ -430,14 +430,53 @@ class LegacySpikingJellyRecurrentContainer(LegacySpikingJellyNeuron):
     is_layer = False
 
 
+def _steps_alone(cls: type, base: Any) -> bool:
+    """Whether a neuron class has a single-step form (its own ``single_step_forward``, or, in 2.x, a
+    ``single_step_functional_forward``), which stepping a multi-step call and cutting its state needs.
+    ``GatedLIFNode`` has neither: its parameters are indexed by time step."""
+    memory = base.MemoryModule
+    for name in ("single_step_forward", "single_step_functional_forward"):
+        method = getattr(cls, name, None)
+        if method is not None and method is not getattr(memory, name, None):
+            return True
+    return False
+
+
+def _why_not_cut(module: nn.Module, base: Any) -> Optional[str]:
+    """Why a module of SpikingJelly's neuron package that is not an adapted neuron carries information
+    between time steps in a form this adapter cannot cut; None for anything else."""
+    if not type(module).__module__.startswith(_NEURON_PACKAGE):
+        return None
+    memories = getattr(module, "_memories", None)
+    if _is_neuron(module, base):  # keeps v, but cannot run one step alone
+        return ("it runs only in multi-step mode: it has no single-step forward (its parameters are indexed "
+                "by time step), so its state cannot be cut between steps")
+    if isinstance(module, base.MemoryModule):
+        kept = ", ".join(memories) if isinstance(memories, dict) and memories else "no registered memory"
+        return f"it keeps its state in {kept}, not in a membrane v"
+    multi_step_only = getattr(base, "MultiStepModule", None)
+    if multi_step_only is not None and isinstance(module, multi_step_only):
+        return "it is multi-step only and computes over all the time steps of a call together"
+    return None
+
+
 @hookimpl
 def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
     base = _base_module()
     if base is not None:
-        if _is_neuron(module, base):
+        if _is_neuron(module, base) and _steps_alone(type(module), base):
             return SpikingJellyNeuron(module)
         if _is_recurrent_container(module, base):
             return SpikingJellyRecurrentContainer(module)
+        reason = _why_not_cut(module, base)
+        if reason is not None:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (spikingjelly) carries information from one time step to the next, "
+                f"but {reason}. SLTT would keep its temporal gradient, and online training would restart it "
+                "at every call. Use a neuron that keeps its membrane in v and can run one step "
+                "(IFNode, LIFNode, ParametricLIFNode, ...; slr.neurons() lists them), or register an adapter "
+                "for this class (see snn_localrules.NeuronAdapter)."
+            )
     legacy = _legacy_base_module()
     if legacy is not None:
         if _is_neuron(module, legacy):

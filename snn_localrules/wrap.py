@@ -83,7 +83,10 @@ def find_neurons(model: nn.Module) -> List[NeuronAdapter]:
     found: List[NeuronAdapter] = []
     suspects: List[str] = []
     for name, module in model.named_modules():
-        adapter = hook(module=module)
+        try:
+            adapter = hook(module=module)
+        except UnsupportedModelError as error:  # a plugin knows the module and refuses it: say where it is
+            raise UnsupportedModelError(f"module {name or '<model>'!r}: {error}") from error
         if adapter is not None:
             found.append(adapter)
         elif module is not model and not list(module.children()) and _looks_like_neuron(module):

@@ -109,6 +109,33 @@ def test_spikingjelly_neurons_zero_change(name, step_mode):
     _close(model, ref)
 
 
+# SpikingJelly layers that carry information between time steps in a form the adapter cannot cut (not a
+# membrane v with a single-step form): wrapping refuses them rather than leave their temporal route intact
+SJ_UNCUTTABLE = {
+    "GatedLIFNode": dict(T=T),  # keeps v, multi-step only (its parameters are indexed by time step)
+    "PSN": dict(T=T),  # multi-step only, mixes the T steps of a call with learned weights
+    "SlidingPSN": dict(k=2),  # a queue of past inputs
+    "MaskedPSN": dict(k=2, T=T),
+    "NonSpikingLIFNode": dict(),  # integrates over the steps of a call
+}
+
+
+@pytest.mark.parametrize("name", SJ_UNCUTTABLE)
+@pytest.mark.parametrize("rule", ["sltt", "tp"])
+def test_spikingjelly_layers_whose_time_route_cannot_be_cut_are_refused(name, rule):
+    cls = getattr(neuron, name, None)
+    if cls is None:
+        pytest.skip(f"this SpikingJelly has no {name}")
+    model = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(), layer.Linear(16, 16), cls(**SJ_UNCUTTABLE[name]))
+    options = dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=5) if rule == "tp" else {}
+    with pytest.raises(slr.UnsupportedModelError, match=rf"module '3': {name} \(spikingjelly\) carries "
+                                                          r"information.*register an adapter"):
+        slr.wrap(model, rule=rule, **options)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks and "forward" not in vars(m)
+               for m in model.modules())
+    assert slr.learner_of(model) is None
+
+
 def test_spikingjelly_store_v_seq_multi_step():
     model = _sj_net(lambda: neuron.LIFNode(tau=2.0, store_v_seq=True), "m")
     x = torch.rand(T, B, 12) * 3
