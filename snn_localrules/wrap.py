@@ -145,6 +145,7 @@ def wrap(model: nn.Module, rule: str = "sltt", **options: Any):
         raise WrapError(f"unknown rule {rule!r}; installed rules: {', '.join(sorted(registry))}.")
     _check_option_names(rule, registry, options)
     neurons = find_neurons(model)
+    _check_not_wrapped_elsewhere(model, neurons)
     learner = registry[rule](model, neurons, **options)  # validates options; touches nothing
     try:
         learner._install()
@@ -153,6 +154,23 @@ def wrap(model: nn.Module, rule: str = "sltt", **options: Any):
         raise
     _WRAPPED[model] = learner
     return learner
+
+
+def _check_not_wrapped_elsewhere(model: nn.Module, neurons: List[NeuronAdapter]) -> None:
+    """A neuron already driven by the learner of another model (a parent of ``model``, a slice such as
+    ``net[:3]`` sharing its modules) would get a second set of hooks: refuse, naming that model."""
+    owners = {id(n.module): (other_model, learner) for other_model, learner in list(_WRAPPED.items())
+              for n in learner.neurons}
+    for neuron in neurons:
+        owner = owners.get(id(neuron.module))
+        if owner is not None:
+            other_model, learner = owner
+            raise WrapError(
+                f"{neuron.describe()} of this {type(model).__name__} is already wrapped by rule "
+                f"{learner.name!r} as part of another {type(other_model).__name__} (a model that shares its "
+                "modules: a parent, or a slice such as net[:3]); unwrap that one first "
+                "(slr.unwrap(other_model) or its learner.unwrap())."
+            )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -47,6 +47,20 @@ def test_unwrap_restores_model(name, online):
     learner.unwrap()  # idempotent
 
 
+def test_wrapping_a_model_that_shares_neurons_with_a_wrapped_one_is_refused():
+    for make in (sj_mlp, snn_sequential):
+        net = make()
+        learner = slr.wrap(net, rule="sltt")
+        hooks = [len(m._forward_pre_hooks) for m in net.modules()]
+        for other in (net[:2], nn.Sequential(net)):
+            with pytest.raises(slr.WrapError, match=r"already wrapped by rule 'sltt' as part of another "
+                                                    r"Sequential.*unwrap that one first"):
+                slr.wrap(other, rule="sltt")
+        assert [len(m._forward_pre_hooks) for m in net.modules()] == hooks
+        learner.unwrap()
+        slr.wrap(net[:2], rule="sltt").unwrap()  # free again
+
+
 def test_wrap_twice_and_unwrap_unwrapped():
     model = sj_mlp()
     learner = slr.wrap(model, rule="sltt")
