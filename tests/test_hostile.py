@@ -604,13 +604,14 @@ def test_sltt_multi_step_model_reducing_time():
         def forward(self, x_seq):
             return self.net(x_seq).mean(0)
 
-    # one step per call is fine (a mean over one step is that step); SLTT-K's forward-only steps run as
-    # multi-step chunks, whose time-reduced output cannot be split into steps
+    # one step per call is fine (a mean over one step is that step); SLTT-K's forward-only steps asked to
+    # run as multi-step chunks (nograd_chunk; with batch norm the default is one step) give a time-reduced
+    # output that cannot be split into steps
     net = make_model(step_mode="m")
     net[1] = layer.SeqToANNContainer(nn.BatchNorm1d(16))  # SpikingJelly 0.0.0.0.14's takes only [T, N, C, L]
     model = MeanOverTime(net)
     model, opt, learner = make_learner("sltt", model=model, warm=True)
-    learner.K, learner.sample = 1, "last"
+    learner.K, learner.sample, learner.nograd_chunk = 1, "last", 4
     before = state(model, opt, learner)
     with pytest.raises(slr.LayoutError, match=r"per-step outputs \[T, B, \.\.\.\]"):
         learner.step(*batch(size=7))
