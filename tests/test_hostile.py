@@ -154,9 +154,11 @@ def test_float16_input_to_a_float32_model():
     with pytest.raises(RuntimeError, match="dtype"):
         learner.step(x.half(), y)
     assert_unchanged(before, model, opt, learner)
-    model, opt, learner = make_learner("tp")
-    learner.step(x.half(), y)
-    assert all(v.dtype != torch.float16 for v in model.state_dict().values())
+    for warm in (True, False):  # the projection is made in the model's dtype, whatever the first batch's
+        model, opt, learner = make_learner("tp", warm=warm)
+        learner.step(x.half(), y)
+        assert learner.projection.dtype == torch.float32
+        assert all(v.dtype != torch.float16 for v in model.state_dict().values())
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -300,7 +300,10 @@ class TP(Rule):
             if group is not None:  # every process must draw the same S: scale by the mean over processes
                 level = distributed.mean_over_group(level, group, x_step.device)
             scale = level / max(s.mean().item(), 1e-12)
-            self.projection = (s * scale * self.label_scale).to(x_step.device, x_step.dtype)
+            # in the dtype of the weights it feeds (a float16 first batch to a float32 model is promoted by
+            # the concatenation, as every later one is), else the input's
+            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x_step.dtype)
+            self.projection = (s * scale * self.label_scale).to(x_step.device, dtype)
         elif self.projection.shape[1:] != x_step.shape[1:]:
             raise WrapError(
                 f"the label projection was made for inputs {tuple(self.projection.shape[1:])}, this batch has "
@@ -347,8 +350,8 @@ class TP(Rule):
                 x_t = x_seq[t]
                 label_in = self._label_inputs(x_t, y)
                 with autocast_context(self.autocast, x_t.device.type):
-                    if self._order is None:
-                        self._learn_layer_order(x_t, sequence_model)
+                    if self._order is None:  # the label inputs: the input's shape in the model's dtype
+                        self._learn_layer_order(label_in, sequence_model)
                     if separate:
                         self._set_neuron_states(data_state)
                         (out,) = run_in_time(self.model, x_t.unsqueeze(0), sequence_model, self.output)
