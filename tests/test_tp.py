@@ -186,7 +186,7 @@ def test_tp_wrap_unwrap_and_errors():
     learner = slr.wrap(model, rule="tp", optimizer=opt, num_classes=4)
     with pytest.raises(slr.LayoutError, match="batch-first"):
         learner.step(torch.rand(5, 3, 12), torch.randint(0, 4, (5,)))
-    with pytest.raises(slr.WrapError, match="labels must be in"):
+    with pytest.raises(slr.LossError, match="labels must be in"):
         learner.step(torch.rand(3, 5, 12), torch.tensor([0, 1, 2, 3, 4]))
     learner.unwrap()
     assert slr.learner_of(model) is None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..adapter import NeuronAdapter
-from ..errors import NonFiniteLossError, WrapError
+from ..errors import LossError, NonFiniteLossError, WrapError
 from ..functional.traces import (
     SPATIAL_MODES,
     contrastive_trace_loss,
@@ -324,7 +324,7 @@ class TP(Rule):
         """
         T = x_seq.shape[0]  # wrapped, layout and devices are checked by @guarded_step
         if int(y.max()) >= self.num_classes or int(y.min()) < 0:
-            raise WrapError(f"labels must be in [0, {self.num_classes}); got range [{int(y.min())}, {int(y.max())}]. "
+            raise LossError(f"labels must be in [0, {self.num_classes}); got range [{int(y.min())}, {int(y.max())}]. "
                             "Fix the labels, or wrap with the right num_classes=.")
         B = x_seq.shape[1]
         sequence_model = self._sequence_model()
