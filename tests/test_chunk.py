@@ -271,11 +271,13 @@ def test_sltt_k_forward_only_runs_in_calls_of_at_most_nograd_chunk_steps():
     assert _nograd_call_lengths("cpu", nograd_chunk=3) == [3, 3, 3, 1]
 
 
-def _with_batch_norm(track_running_stats=True):
+def _with_batch_norm(track_running_stats=True, norm_eval=False):
     from spikingjelly.activation_based import functional, layer, neuron
 
-    model = nn.Sequential(layer.Linear(12, 16), layer.BatchNorm1d(16, track_running_stats=track_running_stats),
-                          neuron.LIFNode(tau=2.0), layer.Linear(16, 5))
+    # SeqToANNContainer: SpikingJelly 0.0.0.0.14's multi-step BatchNorm1d takes only [T, N, C, L]
+    norm = layer.SeqToANNContainer(nn.BatchNorm1d(16, track_running_stats=track_running_stats))
+    model = nn.Sequential(layer.Linear(12, 16), norm, neuron.LIFNode(tau=2.0), layer.Linear(16, 5))
+    norm.train(not norm_eval)  # the norm alone: SpikingJelly 0.0.0.0.14's LIF passes no gradient in eval mode
     functional.set_step_mode(model, "m")
     return model
 
@@ -285,8 +287,8 @@ def test_sltt_k_forward_only_steps_of_a_batch_norm_model_follow_chunk():
     the forward-only steps then run as the backpropagated ones do, ``chunk`` steps per call."""
     assert _nograd_call_lengths("cpu", _with_batch_norm()) == [1] * 10
     assert _nograd_call_lengths("cpu", _with_batch_norm(), chunk=3) == [3, 3, 3, 1]
-    assert _nograd_call_lengths("cpu", _with_batch_norm(track_running_stats=False).eval()) == [1] * 10
-    assert _nograd_call_lengths("cpu", _with_batch_norm().eval()) == [4, 4, 2]  # running statistics
+    assert _nograd_call_lengths("cpu", _with_batch_norm(False, norm_eval=True)) == [1] * 10
+    assert _nograd_call_lengths("cpu", _with_batch_norm(norm_eval=True)) == [4, 4, 2]  # running statistics
     assert _nograd_call_lengths("cpu", _with_batch_norm(), nograd_chunk=5) == [5, 5]  # asked for
 
 
