@@ -261,6 +261,40 @@ def test_snntorch_init_hidden_false(name):
     _close(model, [p.grad for p in ref.parameters()])
 
 
+@pytest.mark.parametrize("name", ["SLSTM", "SConv2dLSTM"])
+@pytest.mark.parametrize("online", [False, True])
+def test_snntorch_spiking_lstms_have_their_syn_and_mem_cut(name, online):
+    import snntorch as snn
+    from snntorch import utils
+
+    torch.manual_seed(5)
+    conv = name == "SConv2dLSTM"
+    if conv:
+        model = nn.Sequential(snn.SConv2dLSTM(2, 4, 3, init_hidden=True), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+        x = torch.rand(T, B, 2, 6, 6)
+    else:
+        model = nn.Sequential(nn.Linear(12, 16), snn.SLSTM(16, 16, init_hidden=True), nn.Linear(16, 5))
+        x = torch.rand(T, B, 12) * 2
+    y = torch.randint(0, 5, (B,))
+    ref = copy.deepcopy(model)
+    lstm = ref[0] if conv else ref[1]
+    utils.reset(ref)
+    for t in range(T):
+        for state in ("syn", "mem"):
+            setattr(lstm, state, getattr(lstm, state).detach())
+        (F.cross_entropy(ref(x[t]), y) / T).backward()
+    if online:
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+        learner.step(x, y)
+    else:
+        learner = slr.wrap(model, rule="sltt")
+        utils.reset(model)
+        (sum(F.cross_entropy(model(x[t]), y) for t in range(T)) / T).backward()
+    assert [n.state_names for n in learner.neurons] == [("syn", "mem")]
+    learner.unwrap()
+    _close(model, [p.grad for p in ref.parameters()])
+
+
 def test_snntorch_subclass_with_its_own_forward_keeps_the_state_of_its_parent():
     """``class MyLeaky(snn.Leaky): def forward(self, x)`` names no state: it is Leaky's, and cut as Leaky's."""
     import snntorch as snn
