@@ -460,8 +460,25 @@ def _why_not_cut(module: nn.Module, base: Any) -> Optional[str]:
     return None
 
 
+_RNN_MODULES = ("spikingjelly.activation_based.rnn", "spikingjelly.clock_driven.rnn")
+
+
+def _is_spiking_rnn(module: nn.Module) -> bool:
+    """SpikingJelly's ``SpikingLSTM``/``SpikingGRU``/``SpikingRNN`` (``rnn.SpikingRNNBase``): a plain module
+    that runs its own loop over ``[T, B, ...]`` and keeps its hidden state inside one call."""
+    return any(cls.__name__ == "SpikingRNNBase" and cls.__module__ in _RNN_MODULES for cls in type(module).__mro__)
+
+
 @hookimpl
 def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
+    if _is_spiking_rnn(module):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (spikingjelly) runs its own loop over the time steps of a call and keeps "
+            "its hidden state inside that call: SLTT cannot cut that state between steps, and online training, "
+            "which calls the model one step at a time, would restart it at every step. For recurrence, wrap "
+            "spiking neurons in layer.LinearRecurrentContainer or ElementWiseRecurrentContainer (supported), "
+            "or register an adapter for this class (see snn_localrules.NeuronAdapter)."
+        )
     base = _base_module()
     if base is not None:
         if _is_neuron(module, base) and _steps_alone(type(module), base):

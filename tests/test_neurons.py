@@ -6,6 +6,7 @@ module will read). Hand-written neuron equations for IF/LIF/PLIF and Leaky/Synap
 ``test_sltt_reference.py``; this file covers the rest of the families and the model zoo.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -134,6 +135,55 @@ def test_spikingjelly_layers_whose_time_route_cannot_be_cut_are_refused(name, ru
     assert all(not m._forward_pre_hooks and not m._forward_hooks and "forward" not in vars(m)
                for m in model.modules())
     assert slr.learner_of(model) is None
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_online_cuts_the_state_of_stateful_layers_that_are_not_neurons(step_mode):
+    """A SynapseFilter after a neuron carries a graph from one step to the next: online SLTT (and TP) cut
+    it at every call, as a neuron's state (it crashed backpropagating that graph twice)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0), layer.SynapseFilter(tau=2.0),
+                          layer.Linear(16, 5))
+    functional.set_step_mode(model, step_mode)
+    reference = copy.deepcopy(model)
+    functional.set_step_mode(reference, "s")
+    x, y = torch.rand(T, B, 12) * 2, torch.randint(0, 5, (B,))
+    functional.reset_net(reference)
+    for t in range(T):
+        for module in (reference[1], reference[2]):
+            for k, v in list(module._memories.items()):
+                if isinstance(v, torch.Tensor):
+                    module._memories[k] = v.detach()
+        (F.cross_entropy(reference(x[t]), y) / T).backward()
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    learner.step(x, y)
+    learner.unwrap()
+    _close(model, [p.grad for p in reference.parameters()])
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    tp = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.01), num_classes=5)
+    assert math.isfinite(tp.step(x, y).loss)
+    tp.unwrap()
+
+
+def test_spikingjelly_spiking_lstm_is_refused():
+    """rnn.SpikingLSTM keeps its hidden state inside one call: nothing to cut between steps."""
+    from spikingjelly.activation_based import rnn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn.SpikingLSTM(12, 16, 1)
+            self.fc, self.lif = layer.Linear(16, 5, step_mode="m"), neuron.LIFNode(step_mode="m")
+
+        def forward(self, x_seq):
+            return self.lif(self.fc(self.rnn(x_seq)[0]))
+
+    model = Net()
+    for options in ({}, dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))):
+        with pytest.raises(slr.UnsupportedModelError, match=r"module 'rnn': SpikingLSTM \(spikingjelly\) runs "
+                                                            r"its own loop.*LinearRecurrentContainer"):
+            slr.wrap(model, rule="sltt", **options)
+    assert slr.learner_of(model) is None and all(not m._forward_pre_hooks for m in model.modules())
 
 
 def test_spikingjelly_store_v_seq_multi_step():

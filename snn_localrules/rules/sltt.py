@@ -141,6 +141,30 @@ def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], f
             hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer, norms, recharge))
 
 
+def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
+    """Online rules: the state that layers other than neurons carry from one call of the model to the next
+    (SpikingJelly's ``SynapseFilter``, ``NeuNorm``, ...: the plugins' ``slr_carried_state``) enters each
+    call as a constant, as a neuron's does. The learner backpropagates every call (step or chunk) on its
+    own, so a graph carried into the next one would be backpropagated twice. Within a multi-step call of
+    several steps such a layer keeps its own route (it is not stepped, as neurons are)."""
+    found = plugin_manager().hook.slr_carried_state(model=model, neurons=neurons)
+    for holder in [h for answer in found for h in (answer or ())]:
+        module = getattr(holder, "module", None)
+        if isinstance(module, nn.Module):
+            hooks.pre_hook(module, _cut_carried_pre_hook(holder))
+
+
+def _cut_carried_pre_hook(holder: Any) -> Callable:
+    def hook(module: nn.Module, args: tuple) -> None:
+        own = holder.for_module(module) if hasattr(holder, "for_module") else holder  # a deep copy's own
+        state = own.get_state()
+        cut = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+        if cut:
+            own.set_state(cut)
+
+    return hook
+
+
 def install_forward_scope(hooks: ModuleHooks, model: nn.Module, scopes: Sequence[Any]) -> bool:
     """Activate ``scopes`` (objects with ``enter``/``exit``: the spike packer, the batch-norm sources) while
     ``model``'s forward runs: a per-instance ``forward`` around the class's own, whose ``finally`` exits
@@ -369,6 +393,8 @@ class SLTT(Rule):
                 hooks.forward_hook(module, norms.record)
         install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer, norms=norms,
                              recharge=self.recompute_membrane)
+        if self.online:
+            install_carried_cut(hooks, self.model, self.neurons)
         self.packer = packer
 
     # -- online driver ---------------------------------------------------------------------------

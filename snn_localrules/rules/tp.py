@@ -43,7 +43,7 @@ from .base import (
     repeated_neurons_error,
     run_in_time,
 )
-from .sltt import install_temporal_cut
+from .sltt import install_carried_cut, install_temporal_cut
 
 LABEL_BATCH_MODES = ("concat", "separate")
 
@@ -246,6 +246,7 @@ class TP(Rule):
     # -- hooks -----------------------------------------------------------------------------------
     def install(self, hooks: ModuleHooks) -> None:
         install_temporal_cut(hooks, self.neurons)
+        install_carried_cut(hooks, self.model, self.neurons)
         for index, neuron in enumerate(self.neurons):
             if neuron.is_layer:
                 hooks.forward_hook(neuron.module, self._make_output_hook(index))
