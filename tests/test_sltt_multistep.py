@@ -526,6 +526,65 @@ def test_neurons_not_proven_equal_are_stepped():
             learner.unwrap()
 
 
+class _CheckpointedBlock(nn.Module):
+    """conv -> BN -> neuron under torch.utils.checkpoint(use_reentrant=False) inside the user's model: the
+    block is recomputed in backward, outside the learner's forward."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.block = nn.Sequential(layer.Conv2d(1, 4, 3, padding=1), layer.BatchNorm2d(4),
+                                   sj_node(kind, None, True, False, surrogate.ATan()))
+        self.head = nn.Sequential(layer.Flatten(), layer.Linear(4 * 6 * 6, 5))
+        functional.set_step_mode(self, "m")
+
+    def _block(self, x):
+        functional.reset_net(self.block)  # the recomputation starts from the same state
+        return self.block(x)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self._block, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("kind", ["if", "lif", "plif"])
+def test_a_checkpoint_inside_the_model_around_a_norm_fed_fused_neuron(kind):
+    """The fused neuron keeps its membrane there (the recomputation saves the same tensors): the same
+    gradients as the stepped neuron, where it failed with 'a different number of tensors was saved'."""
+    torch.manual_seed(7)
+    model = _CheckpointedBlock(kind)
+    x = torch.rand(T, B, 1, 6, 6)
+    grads = []
+    for fused_on in (True, False):
+        net = copy.deepcopy(model)
+        learner = slr.wrap(net, rule="sltt", fused=fused_on)
+        net(x).square().mean().backward()
+        learner.unwrap()
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_second_order_gradient_through_the_fused_neuron_says_to_step_it():
+    torch.manual_seed(8)
+    x = torch.rand(T, B, 12, requires_grad=True)
+    for fused_on in (True, False):
+        model = nn.Sequential(layer.Linear(12, 16), sj_node("lif", None, True, False, surrogate.ATan()),
+                              layer.Linear(16, 5))
+        functional.set_step_mode(model, "m")
+        learner = slr.wrap(model, rule="sltt", fused=fused_on)
+        loss = model(x).square().mean()
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        penalty = loss + gx.square().sum()
+        if fused_on:
+            with pytest.raises(RuntimeError, match=r"first-order backward only.*create_graph=True.*fused=False"):
+                penalty.backward()
+        else:
+            penalty.backward()
+            assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+        learner.unwrap()
+
+
 def test_fused_option_is_validated():
     with pytest.raises(ValueError, match="fused must be True or False"):
         slr.wrap(conv_model(), rule="sltt", fused="yes")

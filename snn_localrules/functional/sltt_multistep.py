@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..errors import BackendError
 from ..kernels import sltt_cuda
@@ -150,6 +149,35 @@ def _dh_dk(cfg: _Neuron, charged: torch.Tensor, spike: Optional[torch.Tensor], v
     return torch.sub(x_seq, out, out=out) if cfg.decay_input else out.neg_()
 
 
+_SECOND_ORDER = (
+    "the fused SLTT neuron of snn-localrules has a first-order backward only, so a gradient of this gradient "
+    "(backward or autograd.grad with create_graph=True, e.g. a gradient penalty) cannot go through it: wrap "
+    "with slr.wrap(model, rule='sltt', fused=False), which steps the neuron with autograd"
+)
+
+
+def _first_order_only(backward: Callable) -> Callable:
+    """``torch.autograd.function.once_differentiable`` with an error that says what to do: the backward runs
+    without grad, and under ``create_graph=True`` its results lead to a node that raises on a second
+    backward."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> Any:
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            return outputs
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        raise_later = torch._C._functions.DelayedError(_SECOND_ORDER.encode(), len(outputs))
+
+        def alias(value: Any) -> Any:
+            return None if value is None else value.detach().requires_grad_()
+
+        return raise_later(*[alias(v) for v in outputs])
+
+    return wrapper
+
+
 class SLTTMultiStep(torch.autograd.Function):
     """``(x_seq, v_init, w) -> (spike_seq, v_final, v_seq)`` with SLTT's elementwise backward.
 
@@ -210,7 +238,7 @@ class SLTTMultiStep(torch.autograd.Function):
         return spikes, v, v_seq
 
     @staticmethod
-    @once_differentiable  # the elementwise backward works in place; no double backward
+    @_first_order_only  # the elementwise backward works in place; no double backward
     def backward(ctx, grad_spikes, grad_v, grad_v_seq):
         cfg: _Neuron = ctx.cfg
         if cfg.backend == "cupy":

@@ -62,6 +62,18 @@ def can_push() -> bool:
     return not _other_hooks_active()
 
 
+def others_on_top(packer: Optional["SpikePacker"] = None) -> Optional[bool]:
+    """Whether saved-tensor hooks other than ``packer``'s are the ones active now (a
+    ``torch.utils.checkpoint`` or ``save_on_cpu`` inside the model); None where this torch (before 2.8) has
+    no query of them: the probe of :func:`_other_hooks_active` would save a tensor through them, which a
+    checkpoint counts and would not see again when it recomputes."""
+    top: Optional[Callable] = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return None
+    hooks = top(False)
+    return hooks is not None and not (packer is not None and packer._pushed and hooks[0] == packer._pack)
+
+
 #: the most values a pooled window may average (its counts must fit uint8, and be exact in bfloat16)
 _MAX_SCALE = 128
 

@@ -20,7 +20,7 @@ from ..adapter import NeuronAdapter
 from ..errors import LossError, NonFiniteLossError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss
 from ..functional.norm_recompute import NormSources, channel_dim, rebuild_input_from
-from ..functional.spike_pack import SpikePacker, pooled_window
+from ..functional.spike_pack import SpikePacker, others_on_top, pooled_window
 from ..memory import SavedBytes, memory_budget, storage_keys
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks
@@ -116,6 +116,10 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
                 )
             if fused:
                 source = norms.source_of(x) if norms is not None else None
+                if source is not None and others_on_top(packer):
+                    # a checkpoint inside the model recomputes this call outside the learner's forward,
+                    # where no norm is recorded: keep what that recomputation keeps, the membrane
+                    source = None
                 with rebuild_input_from(x, source, packer, recharge=recharge):
                     out = neuron.fused_sltt_multi_step(x)
                 if out is not None:
