@@ -253,6 +253,84 @@ def test_tp_on_spikingjelly_spike_output_model():
     learner.unwrap()
 
 
+def test_label_projection_is_scaled_to_the_whole_first_batch():
+    """A blank first frame (an event stream's onset) must not make S all zeros; an all-zero first batch
+    leaves S to the next batch."""
+    model = _mlp()
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4)
+    y = torch.tensor([0, 1, 2, 3])
+    with pytest.warns(RuntimeWarning, match="never spiked"):
+        learner.step(torch.zeros(3, 4, 12), y)
+    assert learner.projection is None
+    x = torch.rand(4, 4, 12) * 2
+    x[0] = 0.0
+    learner.step(x, y)
+    # S is drawn with mean 1 before scaling, so its mean is the batch's mean magnitude times label_scale
+    assert learner.projection.mean().item() == pytest.approx(x.abs().mean().item() * learner.label_scale, rel=1e-5)
+    learner.unwrap()
+
+
+class _ReadoutRegisteredFirst(nn.Module):
+    """The readout is defined first in __init__ but runs last: forward order decides, not registration."""
+
+    def __init__(self, readout_weights=True):
+        super().__init__()
+        torch.manual_seed(9)
+        self.out = layer.Linear(16, 4) if readout_weights else layer.VotingLayer(4)
+        self.fc1, self.lif1 = layer.Linear(12, 16), neuron.LIFNode(tau=2.0)
+        self.fc2 = layer.Linear(16, 16 if readout_weights else 16)
+        self.lif2 = neuron.LIFNode(tau=2.0, v_threshold=0.5)
+
+    def forward(self, x):
+        return self.out(self.lif2(self.fc2(self.lif1(self.fc1(x)))))
+
+
+def test_the_readout_is_what_runs_after_the_last_neuron():
+    x, y = torch.rand(4, 8, 12) * 3, torch.randint(0, 4, (8,))
+    model = _ReadoutRegisteredFirst()
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), num_classes=4)
+    before = model.out.bias.detach().clone()
+    stats = learner.step(x, y)
+    assert not learner.neuron_output and len(stats.layer_losses) == 2
+    assert not torch.equal(model.out.bias, before)  # the readout is trained by its cross-entropy
+    learner.unwrap()
+    # a weightless VotingLayer after the last neuron: that neuron's layer is the readout, trained through it
+    model = _ReadoutRegisteredFirst(readout_weights=False)
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), num_classes=4)
+    before = model.fc2.weight.detach().clone()
+    stats = learner.step(x, y)
+    assert learner.neuron_output and len(stats.layer_losses) == 1 and stats.readout_loss > 0
+    assert not torch.equal(model.fc2.weight, before)
+    learner.unwrap()
+
+
+def test_spike_count_prediction_of_a_step_equals_predict():
+    torch.manual_seed(3)
+    model = nn.Sequential(layer.Linear(12, 32), neuron.LIFNode(tau=2.0), layer.Linear(32, 4),
+                          neuron.LIFNode(tau=2.0, v_threshold=0.3))
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), num_classes=4)
+    x, y = torch.rand(6, 16, 12) * 3, torch.randint(0, 4, (16,))
+    spikes = []
+    handle = model[3].register_forward_hook(lambda m, i, o: spikes.append(o[:16]))
+    stats = learner.step(x, y)
+    handle.remove()
+    counts = torch.stack(spikes).sum(0)
+    assert torch.equal(stats.prediction, counts.argmax(-1)) and torch.equal(stats.prediction, learner.predict(x))
+    learner.unwrap()
+
+
+def test_num_classes_must_match_the_readout():
+    for num_classes in (3, 6):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        learner = slr.wrap(model, rule="tp", optimizer=opt, num_classes=num_classes)
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(slr.WrapError, match=rf"shape \(4, 4\) per step.*num_classes={num_classes}"):
+            learner.step(torch.rand(3, 4, 12) * 2, torch.tensor([0, 1, 2, 0]))
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        learner.unwrap()
+
+
 def test_freeze_trains_only_chosen_layers():
     x = torch.rand(3, 8, 12) * 3
     y = torch.randint(0, 4, (8,))

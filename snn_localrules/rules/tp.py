@@ -221,7 +221,6 @@ class TP(Rule):
         self._traces: Dict[int, torch.Tensor] = {}
         self._label_traces: Dict[int, torch.Tensor] = {}  # label path's traces with label_batch="separate"
         self._label_pass = False  # True while the label path's call of label_batch="separate" runs
-        self._readout_spikes: Optional[torch.Tensor] = None
         self._warned_silent = False
         self.frozen: set = set()  # hidden-layer positions and/or "readout" whose loss is not applied
 
@@ -259,9 +258,7 @@ class TP(Rule):
             time_dim = self._sequence_model()
             step_spikes = spikes[0] if time_dim else spikes
             if self._is_readout_neuron(index):
-                if not self._label_pass:
-                    self._readout_spikes = step_spikes
-                return None
+                return None  # its spikes reach the model's output with their graph: the readout loss's
             traces = self._label_traces if self._label_pass else self._traces
             # traces are kept in float32 whatever the forward's precision: beta * eps in bfloat16 loses
             # the small contributions of old spikes
@@ -292,14 +289,18 @@ class TP(Rule):
         return any(n.multi_step for n in self.neurons)
 
     # -- label path ------------------------------------------------------------------------------
-    def _label_inputs(self, x_step: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _label_inputs(self, x_step: torch.Tensor, y: torch.Tensor, x_seq: torch.Tensor) -> torch.Tensor:
         if self.projection is None:
             gen = torch.Generator().manual_seed(self.seed)
             s = torch.rand((self.num_classes, *x_step.shape[1:]), generator=gen)
-            level = x_step.detach().abs().float().mean().item()
+            # the whole first batch's magnitude: its first frame may be blank (an event stream's onset)
+            level = x_seq.detach().abs().float().mean().item()
             group = distributed.model_group(self.model)
             if group is not None:  # every process must draw the same S: scale by the mean over processes
                 level = distributed.mean_over_group(level, group, x_step.device)
+            if level == 0.0:  # an all-zero batch: no magnitude to match yet; the next batch makes S
+                dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x_step.dtype)
+                return torch.zeros((len(y), *x_step.shape[1:]), device=x_step.device, dtype=dtype)
             scale = level / max(s.mean().item(), 1e-12)
             # in the dtype of the weights it feeds (a float16 first batch to a float32 model is promoted by
             # the concatenation, as every later one is), else the input's
@@ -349,7 +350,7 @@ class TP(Rule):
                 data_state = label_state = self._neuron_states()
             for t in range(T):
                 x_t = x_seq[t]
-                label_in = self._label_inputs(x_t, y)
+                label_in = self._label_inputs(x_t, y, x_seq)
                 with autocast_context(self.autocast, x_t.device.type):
                     if self._order is None:  # the label inputs: the input's shape in the model's dtype
                         self._learn_layer_order(label_in, sequence_model)
@@ -395,7 +396,13 @@ class TP(Rule):
                         layer_sums[position] = layer_sums.get(position, 0.0) + float(loss_l.detach())
                         spiked[position] = spiked.get(position, False) or bool(data.detach().any())
                         label_prev = label
-                    readout = _at_least_float32(self._readout_spikes[:B] if self.neuron_output else out[:B])
+                    readout = _at_least_float32(out[:B])
+                    if readout.dim() != 2 or readout.shape[-1] != self.num_classes:
+                        raise WrapError(
+                            f"the model's output has shape {tuple(readout.shape)} per step, but rule='tp' was "
+                            f"wrapped with num_classes={self.num_classes}: the readout must give [B, "
+                            f"{self.num_classes}]. Wrap with the readout's width as num_classes, or fix the readout."
+                        )
                     readout_loss = F.cross_entropy(readout, y)
                 readout_sum += float(readout_loss.detach())
                 if "readout" not in self.frozen:
@@ -408,7 +415,9 @@ class TP(Rule):
                     backward(total, self.scaler)
                 if optimizer_step(self.optimizer, self.scaler, self.clip_grad_norm):
                     skipped.append(t)
-                last_output = readout.detach()
+                # the prediction: argmax of the readout at the last step, or of the output neuron's spike counts
+                last_output = readout.detach() if last_output is None or not self.neuron_output \
+                    else last_output + readout.detach()
                 self._detach_traces()
         finally:
             self.reset_state()
@@ -454,9 +463,18 @@ class TP(Rule):
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         self._seen = []
+        # the modules with weights of their own (not a neuron's, nor inside one): how many neurons had run
+        # when each finished; those that run after the last neuron are the readout
+        inside_neurons = {id(m) for n in self.neurons for m in n.module.modules()}
+        after: List[int] = []
+        handles = [m.register_forward_hook(lambda *_: after.append(len(self._seen)))
+                   for m in self.model.modules()
+                   if id(m) not in inside_neurons and any(p.requires_grad for p in m.parameters(recurse=False))]
         try:
             run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
         finally:
+            for handle in handles:
+                handle.remove()
             for module, training in modes:
                 module.training = training
             self.reset_state()
@@ -464,6 +482,9 @@ class TP(Rule):
         if repeated:
             raise repeated_neurons_error(self.model, repeated, self.name)
         self._order = list(dict.fromkeys(self._seen))
+        # the model ends with a neuron when no module with weights runs after the last neuron (what follows
+        # it, if anything, has none: a VotingLayer, a pool); registration order may differ from this
+        self.neuron_output = bool(self._seen) and not any(ran == len(self._seen) for ran in after)
         if not self._hidden_order():
             raise WrapError("rule='tp' needs at least one hidden neuron layer before the readout.")
 
@@ -471,7 +492,6 @@ class TP(Rule):
         for traces in (self._traces, self._label_traces):
             for key, trace in traces.items():
                 traces[key] = trace.detach()
-        self._readout_spikes = None
 
     def _neuron_states(self) -> List[Dict[str, Any]]:
         return [neuron.get_state() for neuron in self.neurons]
@@ -484,7 +504,6 @@ class TP(Rule):
         super().reset_state()
         self._traces = {}
         self._label_traces = {}
-        self._readout_spikes = None
 
     @torch.no_grad()
     def predict(self, x_seq: torch.Tensor) -> torch.Tensor:
