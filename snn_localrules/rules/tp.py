@@ -463,13 +463,14 @@ class TP(Rule):
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         self._seen = []
-        # the modules with weights of their own (not a neuron's, nor inside one): how many neurons had run
-        # when each finished; those that run after the last neuron are the readout
+        # the modules with weights of their own (not a neuron's, nor inside one; frozen ones too: a frozen
+        # readout is still the readout): how many neurons had run when each finished; those that run after
+        # the last neuron are the readout
         inside_neurons = {id(m) for n in self.neurons for m in n.module.modules()}
         after: List[int] = []
         handles = [m.register_forward_hook(lambda *_: after.append(len(self._seen)))
                    for m in self.model.modules()
-                   if id(m) not in inside_neurons and any(p.requires_grad for p in m.parameters(recurse=False))]
+                   if id(m) not in inside_neurons and any(True for _ in m.parameters(recurse=False))]
         try:
             run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
         finally:
