@@ -319,6 +319,21 @@ def test_spike_count_prediction_of_a_step_equals_predict():
     learner.unwrap()
 
 
+def test_a_batch_of_one_class_is_reported_once():
+    model = _mlp()
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4)
+    x = torch.rand(3, 4, 12) * 3
+    with pytest.warns(RuntimeWarning, match="single class.*hidden layers get no update"):
+        learner.step(x, torch.full((4,), 2))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        learner.step(x, torch.full((4,), 2))  # once per learner
+        learner.step(x, torch.tensor([0, 1, 2, 3]))
+    learner.unwrap()
+
+
 def test_num_classes_must_match_the_readout():
     for num_classes in (3, 6):
         model = _mlp()

@@ -222,6 +222,7 @@ class TP(Rule):
         self._label_traces: Dict[int, torch.Tensor] = {}  # label path's traces with label_batch="separate"
         self._label_pass = False  # True while the label path's call of label_batch="separate" runs
         self._warned_silent = False
+        self._warned_one_class = False
         self.frozen: set = set()  # hidden-layer positions and/or "readout" whose loss is not applied
 
     # -- fine-tuning -----------------------------------------------------------------------------
@@ -337,6 +338,15 @@ class TP(Rule):
                 "DistributedDataParallel refuses by default; build it with find_unused_parameters=True."
             )
         contrast = self._contrast_plan(y, group)
+        classes = (y if contrast is None else contrast.labels).unique().numel()
+        if classes < 2 and not self._warned_one_class:
+            self._warned_one_class = True
+            warnings.warn(
+                "TP: this batch holds samples of a single class; each layer's loss contrasts samples of "
+                "different classes, so the hidden layers get no update from such a batch (the readout still "
+                "learns). Mix classes in every batch (a shuffled loader), or freeze the hidden layers.",
+                RuntimeWarning, stacklevel=3,
+            )
         self.reset_state()
         layer_sums: Dict[int, float] = {}
         readout_sum = 0.0
