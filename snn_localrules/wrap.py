@@ -27,6 +27,14 @@ _WRAPPED: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionar
 _NEURON_NAME_HINTS = ("node", "neuron", "leaky", "lif", "spiking", "synaptic")
 
 
+# every hook id and per-instance forward function snn-localrules ever installed: a copy.deepcopy of a
+# wrapped model carries them (same ids, the same functions rebound), and unwrap() finds them there
+_HOOK_IDS: set = set()
+_FORWARD_FUNCTIONS: "weakref.WeakSet[Callable]" = weakref.WeakSet()
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 class ModuleHooks:
     """Everything a rule changed on a model, so that :meth:`remove` restores it exactly."""
 
@@ -35,10 +43,14 @@ class ModuleHooks:
         self._forwards: List[nn.Module] = []
 
     def pre_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+        self._keep(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
 
     def forward_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
-        self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+        self._keep(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+
+    def _keep(self, handle: Any) -> None:
+        self._handles.append(handle)
+        _HOOK_IDS.add(handle.id)
 
     def replace_forward(self, module: nn.Module, fn: Callable) -> None:
         """Give ``module`` a per-instance ``forward``: ``fn(module, *args, **kwargs)`` bound to it (its class
@@ -49,6 +61,7 @@ class ModuleHooks:
                 "snn-localrules will not overwrite it. Remove it, or wrap a model without it."
             )
         object.__setattr__(module, "forward", types.MethodType(fn, module))
+        _FORWARD_FUNCTIONS.add(fn)
         self._forwards.append(module)
 
     def remove(self) -> None:
@@ -181,9 +194,38 @@ def unwrap(model: nn.Module) -> nn.Module:
     """
     learner = _WRAPPED.get(model) if isinstance(model, nn.Module) else None
     if learner is None:
+        if isinstance(model, nn.Module) and _strip_copied_hooks(model):
+            return model  # a deep copy of a wrapped model: what the copy carried is gone
         raise WrapError(f"this {type(model).__name__} is not wrapped by snn-localrules; nothing to unwrap.")
     learner.unwrap()
     return model
+
+
+def _strip_copied_hooks(model: nn.Module) -> bool:
+    """Remove the hooks and per-instance forwards that a ``copy.deepcopy`` of a wrapped model carried
+    along (an EMA teacher, a best-model snapshot). Returns whether there were any."""
+    live = {id(m): owner for owner in list(_WRAPPED) for m in owner.modules()}
+    found = False
+    for module in model.modules():
+        ours = [key for name in _HOOK_DICTS for key in getattr(module, name, {}) if key in _HOOK_IDS]
+        forward = vars(module).get("forward")
+        own_forward = isinstance(forward, types.MethodType) and forward.__func__ in _FORWARD_FUNCTIONS
+        if not ours and not own_forward:
+            continue
+        if id(module) in live:
+            raise WrapError(
+                f"this {type(model).__name__} is part of a {type(live[id(module)]).__name__} that is wrapped; "
+                "unwrap that model (slr.unwrap(model) or learner.unwrap())."
+            )
+        for name in _HOOK_DICTS:
+            hooks = getattr(module, name, None)
+            if isinstance(hooks, dict):
+                for key in [k for k in hooks if k in _HOOK_IDS]:
+                    del hooks[key]
+        if own_forward:
+            object.__delattr__(module, "forward")
+        found = True
+    return found
 
 
 def _option_names(cls: type) -> Optional[List[str]]:

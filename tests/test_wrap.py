@@ -350,3 +350,37 @@ def test_a_deep_copy_of_a_wrapped_model_runs_its_own_weights_and_neurons(step_mo
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     original_out, _ = run(model)
     assert not torch.equal(original_out, out)  # and the original still runs its own weights
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_unwrap_of_a_deep_copy_removes_what_the_copy_carried(online):
+    """An EMA teacher or best-model snapshot made with copy.deepcopy of a wrapped model can be unwrapped on
+    its own (before or after the original), which gives it back as a never-wrapped copy."""
+    import copy
+    import pickle
+
+    from spikingjelly.activation_based import functional
+
+    model = sj_conv("m")
+    pristine = copy.deepcopy(model)
+    before = snapshot(model)
+    options = dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) if online else {}
+    learner = slr.wrap(model, rule="sltt", **options)
+    teacher, best = copy.deepcopy(model), copy.deepcopy(model)
+    assert slr.unwrap(teacher) is teacher  # while the original is wrapped
+    assert_same_snapshot(before, snapshot(teacher))
+    assert slr.learner_of(model) is learner and snapshot(model)["hooks"] != before["hooks"]
+    with pytest.raises(slr.WrapError, match="part of a Sequential that is wrapped"):
+        slr.unwrap(model[2])
+    learner.unwrap()
+    slr.unwrap(best)  # and after it
+    for net in (teacher, best, model):
+        assert_same_snapshot(before, snapshot(net))
+        pickle.dumps(net)  # nothing local left on it
+    x = (torch.rand(4, 2, 2, 8, 8) < 0.4).float()
+    functional.reset_net(pristine)
+    expected = pristine(x)
+    functional.reset_net(teacher)
+    assert torch.equal(teacher(x), expected)
+    with pytest.raises(slr.WrapError, match="not wrapped"):
+        slr.unwrap(teacher)
