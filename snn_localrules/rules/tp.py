@@ -55,7 +55,8 @@ class TPStats:
     :ivar loss: summed over steps, the layer losses plus the readout loss.
     :ivar layer_losses: per hidden layer, summed over steps.
     :ivar readout_loss: the readout's cross-entropy, summed over steps.
-    :ivar prediction: class indices ``[B]`` from the output at the last step (see :meth:`TP.predict`).
+    :ivar prediction: class indices ``[B]``, as :meth:`TP.predict` gives them: the readout's argmax at the last
+        step, or the argmax of the output summed over the steps when the model ends with a neuron.
     :ivar T: number of time steps.
     :ivar silent_layers: hidden layers (indices) whose data path never spiked in this batch.
     :ivar skipped_steps: with a ``scaler``, the time steps whose optimizer step was skipped because the
