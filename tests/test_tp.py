@@ -278,7 +278,7 @@ class _ReadoutRegisteredFirst(nn.Module):
         torch.manual_seed(9)
         self.out = layer.Linear(16, 4) if readout_weights else layer.VotingLayer(4)
         self.fc1, self.lif1 = layer.Linear(12, 16), neuron.LIFNode(tau=2.0)
-        self.fc2 = layer.Linear(16, 16 if readout_weights else 16)
+        self.fc2 = layer.Linear(16, 16)  # VotingLayer(4) pools the 16 output neurons into 4 classes
         self.lif2 = neuron.LIFNode(tau=2.0, v_threshold=0.5)
 
     def forward(self, x):
