@@ -16,6 +16,9 @@ class SavedBytes:
     one: then what it keeps is counted (spikes as 1-byte counts) through the packer's observer, instead of
     by hooks of this object's own, under which the packer would stand aside."""
 
+    #: its pack hook returns every tensor unchanged: the fused neuron may rely on what it saves as without it
+    keeps_saved_tensors_as_they_are = True
+
     def __init__(self, exclude: set, packer: Any = None):
         self.exclude = exclude
         self.storages: Dict[Tuple[str, int], int] = {}

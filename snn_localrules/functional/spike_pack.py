@@ -71,7 +71,10 @@ def others_on_top(packer: Optional["SpikePacker"] = None) -> Optional[bool]:
     if top is None:
         return None
     hooks = top(False)
-    return hooks is not None and not (packer is not None and packer._pushed and hooks[0] == packer._pack)
+    if hooks is None or (packer is not None and packer._pushed and hooks[0] == packer._pack):
+        return False
+    # an observer that keeps every tensor as it is (memory.SavedBytes) changes nothing that is saved
+    return not getattr(getattr(hooks[0], "__self__", None), "keeps_saved_tensors_as_they_are", False)
 
 
 #: the most values a pooled window may average (its counts must fit uint8, and be exact in bfloat16)
