@@ -89,6 +89,22 @@ def test_saccade_deterministic_and_seeded(digits):
     assert u8.dtype == torch.uint8 and torch.equal(u8.float(), a)
 
 
+def test_a_still_image_emits_nothing_even_with_strong_threshold_mismatch(digits):
+    """A pixel whose OFF threshold is under half its ON one must not fire at the first step (it did: 1090
+    OFF events, no ON, from 64 still digits at threshold_sigma=0.04)."""
+    x, _ = digits
+    for seed in (0, 3):
+        assert saccade_events(x, T=10, amplitude=0, noise=0.0, threshold_sigma=0.04, seed=seed).sum() == 0
+
+
+def test_uint8_counts_saturate_with_background_noise(digits):
+    x, _ = digits
+    options = dict(T=10, threshold=0.002, noise=0.5, seed=1)
+    counts = saccade_events(x[:8], **options)
+    assert (counts > 255).any()  # this setting does exceed a byte
+    assert torch.equal(saccade_events(x[:8], dtype=torch.uint8, **options).float(), counts.clamp(max=255))
+
+
 def test_saccade_blank_image():
     blank = torch.zeros(4, 28, 28)
     ev = saccade_events(blank, T=10)

@@ -130,3 +130,18 @@ def test_load_keyword_events_and_cache(tmp_path):
     yes, no = data.x[(data.y == 0) & (data.speaker == 0)][0], data.x[(data.y == 1) & (data.speaker == 0)][0]
     assert not torch.equal(yes, no)
     assert math.isfinite(float(data.x.mean()))
+
+
+def test_a_voice_that_repeats_itself_is_refused():
+    """flite's rms voice ignored the pitch setting: three of its renditions were the same audio, so its
+    held-out samples copied its shots. Identical renditions of a word are refused, naming the voice."""
+    from snn_localrules.data.speech import Speaker, _check_renditions_differ, default_speakers
+
+    spk = Speaker("flite", "rms", (1.0,), (90.0, 120.0))
+    same, other = np.ones(100, dtype=np.float32), np.zeros(100, dtype=np.float32)
+    jobs = [(0, 0, "new", spk, 1.0, 90.0), (0, 0, "new", spk, 1.0, 120.0), (1, 0, "new", spk, 1.0, 90.0)]
+    with pytest.raises(ValueError, match=r"flite:rms says 'yes' identically at \(rate, pitch\) \(1.0, 90.0\)"):
+        _check_renditions_differ(jobs, [same, same, other], ["yes", "no"])
+    _check_renditions_differ(jobs, [same, other, same], ["yes", "no"])  # another word may sound alike
+    assert "rms" not in {s.voice for s in default_speakers()["new"]}
+

@@ -221,8 +221,10 @@ def _saccade_events(
                     v = torch.matmul(torch.matmul(ry, img), rx.transpose(-1, -2))
                     return v.clamp_(min=0.0).add_(log_eps).log_()
 
-            ref = init_u[i0:i1] * theta_on
-            ref += log_view(0)  # within +-theta/2 of the first view
+            # within +-theta_on/2 of the first view, and short of the OFF threshold (a pixel whose OFF
+            # threshold is under half its ON one would otherwise fire at once, with nothing moving)
+            ref = torch.minimum(init_u[i0:i1] * theta_on, theta_off * (1.0 - 1e-6))
+            ref += log_view(0)
             buf = torch.empty((c, 2, size, size))
             n_on = torch.empty((c, size, size))
             n_off = torch.empty((c, size, size))
@@ -250,7 +252,12 @@ def _saccade_events(
         if not time_first:
             t_idx, rest = where // (n * k), where % (n * k)
             where = (rest // k) * (T * k) + t_idx * k + rest % k
-        out.view(-1).index_put_((where,), torch.ones(count, dtype=dtype), accumulate=True)
+        if integer_out:  # counts saturate (255 + 1 would wrap to 0): add in int64 where noise falls, clamp
+            cells, extra = where.unique(return_counts=True)
+            flat = out.view(-1)
+            flat[cells] = (flat[cells].to(torch.int64) + extra).clamp_(max=torch.iinfo(dtype).max).to(dtype)
+        else:
+            out.view(-1).index_put_((where,), torch.ones(count, dtype=dtype), accumulate=True)
     return out
 
 

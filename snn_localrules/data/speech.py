@@ -78,14 +78,15 @@ class Speaker:
 
 _ESPEAK_VOICES = ("en+m1", "en+f1", "en-us+m3", "en-us+f2", "en+m7", "en-gb-scotland+f4",
                   "en-029+m2", "en-gb-x-rp+f3", "en-us+m6", "en+f5")
-_FLITE_VOICES = (("slt", 175.0), ("awb", 105.0), ("rms", 100.0), ("kal16", 110.0))
+# flite voices that follow int_f0_target_mean (rms does not: its three pitches gave the same audio)
+_FLITE_VOICES = (("slt", 175.0), ("awb", 105.0), ("kal", 105.0), ("kal16", 110.0))
 
 
 def default_speakers(quick: bool = False) -> Dict[str, List[Speaker]]:
     """The speaker sets of :func:`load_keyword_events`.
 
     ``"train"``: espeak-ng voices (10, or 4 with ``quick``), each saying every keyword at 3 speeds x 3
-    pitches (2 x 2 with ``quick``). ``"new"``: flite voices (``slt``, ``awb``, ``rms``, ``kal16``; 2 with
+    pitches (2 x 2 with ``quick``). ``"new"``: flite voices (``slt``, ``awb``, ``kal``, ``kal16``; 2 with
     ``quick``) -- a different synthesizer, so a speaker the model has never heard -- each at 5 duration
     stretches x 3 F0 targets (3 x 2 with ``quick``): enough renditions for 5 shots per keyword plus held-out
     ones.
@@ -307,6 +308,21 @@ def default_cache_dir() -> str:
     return os.path.join(base, "snn_localrules")
 
 
+def _check_renditions_differ(jobs: List[tuple], audios: List[np.ndarray], keywords: Sequence[str]) -> None:
+    """Refuse a speaker whose renditions of a word are the same audio (a voice that ignores the pitch or
+    rate setting): its held-out samples would be copies of its shots."""
+    seen: Dict[tuple, tuple] = {}
+    for (w_idx, s_idx, _split, spk, rate, pitch), audio in zip(jobs, audios):
+        key = (s_idx, w_idx, hashlib.sha1(np.ascontiguousarray(audio).tobytes()).hexdigest())
+        if key in seen:
+            raise ValueError(
+                f"speaker {spk.name} says {keywords[w_idx]!r} identically at (rate, pitch) {seen[key]} and "
+                f"{(rate, pitch)}: this voice ignores one of the settings, so its renditions would repeat each "
+                "other across the shots and the held-out set. Use another voice, or vary only what it follows."
+            )
+        seen[key] = (rate, pitch)
+
+
 def load_keyword_events(
     keywords: Sequence[str] = SPEECH_COMMANDS_10,
     speakers: Optional[Dict[str, List[Speaker]]] = None,
@@ -338,7 +354,7 @@ def load_keyword_events(
     groups = [(split, spk) for split in ("train", "new") for spk in speakers.get(split, [])]
     require_synthesizers(sorted({spk.engine for _, spk in groups}))
     params = dict(keywords=list(keywords), speakers=[(s, spk.name, spk.rates, spk.pitches) for s, spk in groups],
-                  T=T, bands=bands, duration=duration, threshold=threshold, noise_db=noise_db, seed=seed, v=2)
+                  T=T, bands=bands, duration=duration, threshold=threshold, noise_db=noise_db, seed=seed, v=3)
     cache_file = None
     if cache_dir is not None:
         root = default_cache_dir() if cache_dir == "default" else os.path.expanduser(cache_dir)
@@ -356,6 +372,7 @@ def load_keyword_events(
     # subprocesses release the GIL, so threads are enough to keep several synthesizers busy
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         audios = list(pool.map(lambda j: synthesize(keywords[j[0]], j[3], j[4], j[5]), jobs))
+    _check_renditions_differ(jobs, audios, keywords)
     rng = np.random.default_rng(seed)
     xs = []
     for audio in audios:
