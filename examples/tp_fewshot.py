@@ -21,7 +21,8 @@ variant is not used.
 The core of the adaptation step::
 
     learner = slr.wrap(net, rule="tp", optimizer=torch.optim.Adam(net.parameters(), lr), num_classes=10)
-    learner.load_state_dict(pretrained_tp_state)     # the same fixed label projection as in pretraining
+    # the same fixed label projection as in pretraining, not pretraining's optimizer (its lr and moments)
+    learner.load_state_dict({k: v for k, v in pretrained_tp_state.items() if k != "optimizer"})
     learner.freeze([0])                              # hidden layer 0 stays as pretrained
     for _ in range(steps):
         learner.step(x_shots, y_shots)               # x_shots: [T, shots * classes, ...]
@@ -213,7 +214,9 @@ def main(argv=None) -> int:
             net.load_state_dict(pretrained)
             learner = slr.wrap(net, rule="tp", optimizer=torch.optim.Adam(net.parameters(), args.adapt_lr),
                                num_classes=10)
-            learner.load_state_dict(tp_state)  # the pretrained label projection
+            # the pretrained label projection; the fresh optimizer stays (the checkpoint's would bring
+            # pretraining's lr and Adam moments)
+            learner.load_state_dict({k: v for k, v in tp_state.items() if k != "optimizer"})
             before.append(accuracy(learner, x_new[test_idx], y_new[test_idx]))
             learner.freeze([int(v) for v in args.freeze.split(",") if v.strip()])
             x_shots, y_shots = x_new[shot_idx].transpose(0, 1), y_new[shot_idx]

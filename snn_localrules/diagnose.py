@@ -168,7 +168,7 @@ class Diagnosis:
         top.bar(positions, [r.cosine for r in self.layers], color=colours)
         top.axhline(self.threshold, color="gray", linestyle="--", linewidth=1, label=f"threshold {self.threshold}")
         top.set_ylabel("cosine(g_sltt, g_bptt)")
-        top.set_ylim(min(0.0, *[r.cosine for r in self.layers if math.isfinite(r.cosine)]), 1.05)
+        top.set_ylim(min([0.0] + [r.cosine for r in self.layers if math.isfinite(r.cosine)]), 1.05)
         top.legend(loc="lower left")
         bottom.bar(positions, [r.norm_ratio for r in self.layers], color="tab:gray")
         bottom.axhline(1.0, color="black", linewidth=0.5)

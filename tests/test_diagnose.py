@@ -327,6 +327,20 @@ def test_table_str_and_plot(tmp_path):
     assert other.exists()
 
 
+def test_plot_when_no_layer_has_a_cosine(tmp_path):
+    """Zero input into bias-free layers: both gradients are zero everywhere, every cosine is NaN; the plot
+    is still drawn (it raised a TypeError, losing the diagnosis)."""
+    pytest.importorskip("matplotlib")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    model = nn.Sequential(layer.Linear(12, 16, bias=False), neuron.LIFNode(), layer.Linear(16, 5, bias=False))
+    functional.set_step_mode(model, "m")
+    result = slr.diagnose(model, torch.zeros(4, 3, 12), torch.randint(0, 5, (3,)), plot=tmp_path / "d.png",
+                          warn=False)
+    assert all(math.isnan(r.cosine) for r in result.layers)
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     result = slr.diagnose(sj_mlp(), torch.rand(2, 3, 12), torch.randint(0, 5, (3,)), warn=False)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

@@ -340,3 +340,24 @@ def test_mlp_shd_recurrent_sltt_step(framework):
     finally:
         learner.unwrap()
     assert stats.T == 3
+
+
+@pytest.mark.parametrize("framework", ["spikingjelly", "snntorch"])
+@pytest.mark.parametrize("label_batch", ["concat", "separate"])
+def test_mlp_shd_recurrent_tp_step(framework, label_batch):
+    """TP on the recurrent SHD MLP: SpikingJelly's hidden LIF runs single-step inside a multi-step
+    LinearRecurrentContainer, so its output hook must not take a time dimension it does not have (it took
+    the first sample as the first step and the readout got [1, 1, 20])."""
+    pytest.importorskip(framework)
+    slr = pytest.importorskip("snn_localrules")
+    model = presets.mlp_shd(recurrent=True, framework=framework, hidden=16)
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=20,
+                       label_batch=label_batch)
+    x, y = torch.rand(3, 4, 700) * 2, torch.tensor([0, 1, 2, 3])
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        stats = learner.step(x, y)
+        assert stats.prediction.shape == (4,) and learner.predict(x).shape == (4,)
+    finally:
+        learner.unwrap()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

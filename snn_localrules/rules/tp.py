@@ -257,7 +257,9 @@ class TP(Rule):
             if self._order is None:
                 self._seen.append(index)
             spikes = output[0] if isinstance(output, (tuple, list)) else output
-            time_dim = self._sequence_model()
+            # this neuron's own step mode: a single-step neuron inside a multi-step container (a recurrent
+            # one) sees [B, ...] although the model is fed [1, B, ...]
+            time_dim = self.neurons[index].multi_step
             step_spikes = spikes[0] if time_dim else spikes
             if self._is_readout_neuron(index):
                 return None  # its spikes reach the model's output with their graph: the readout loss's
