@@ -265,9 +265,13 @@ def _fusable_class(cls: type) -> Optional[str]:
 
 
 def _deterministic_surrogate(function: Any) -> bool:
-    """A SpikingJelly surrogate whose forward is deterministic and which has nothing to train."""
+    """A SpikingJelly surrogate whose forward is deterministic, a Heaviside (``spiking=True``: with
+    ``spiking=False`` the neuron outputs the smooth surrogate itself, which is no spike and must not be
+    stored as one), and which has nothing to train."""
     cls = type(function)
     if cls.__module__ != _SURROGATE or cls.__name__ in _RANDOM_SURROGATES or not isinstance(function, nn.Module):
+        return False
+    if not getattr(function, "spiking", True):
         return False
     if any(p.requires_grad for p in function.parameters()):
         return False

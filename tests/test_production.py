@@ -1,5 +1,6 @@
 """Production use of online SLTT: torch.distributed (2 gloo processes), mixed precision, checkpoints."""
 import contextlib
+import copy
 import os
 
 import pytest
@@ -251,6 +252,35 @@ def test_loading_a_checkpoint_of_another_rule_is_refused_before_touching_the_mod
         learner.load(tmp_path / "tp.pt")
     for k, v in model.state_dict().items():
         assert torch.equal(before[k], v)
+
+
+@pytest.mark.parametrize("rule", ["sltt", "tp"])
+def test_a_checkpoint_of_another_model_shape_is_refused_before_anything_changes(tmp_path, rule):
+    """model.load_state_dict copies what fits before it raises, and the learner (options, optimizer state,
+    TP's projection) was loaded first: the next step crashed on Adam's moments of the other shape."""
+    from spikingjelly.activation_based import layer, neuron
+
+    def build(width, K):
+        torch.manual_seed(width)
+        model = nn.Sequential(layer.Linear(6, width), neuron.LIFNode(tau=2.0), layer.Linear(width, 3))
+        opt = torch.optim.Adam(model.parameters(), lr=0.01 if K == 1 else 0.5)
+        options = dict(K=K, seed=K) if rule == "sltt" else dict(num_classes=3, seed=K)
+        return model, slr.wrap(model, rule=rule, optimizer=opt, **options)
+
+    x, y = torch.rand(4, 5, 6) * 3, torch.tensor([0, 1, 2, 0, 1])
+    small, saved = build(8, 1)
+    saved.step(x, y)
+    saved.save(tmp_path / "small.pt")
+    model, learner = build(9, 3)
+    learner.step(x, y)
+    state = copy.deepcopy(learner.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"does not fit this one \(other shapes: 0.bias \(8,\) vs \(9,\).*nothing was loaded"):
+        learner.load(tmp_path / "small.pt")
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    after = learner.state_dict()
+    assert str(after) == str(state)  # options, generator, optimizer state, TP's projection as they were
+    learner.step(x, y)  # and it still trains
 
 
 def test_tp_resume_from_checkpoint_is_bit_identical(tmp_path):

@@ -585,6 +585,32 @@ def test_a_second_order_gradient_through_the_fused_neuron_says_to_step_it():
         learner.unwrap()
 
 
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_a_neuron_with_a_smooth_output_is_stepped_and_its_output_never_packed(with_norm):
+    """surrogate(spiking=False): the neuron outputs the smooth surrogate itself, not 0/1. It was fused and
+    its output stored as 1-byte spikes: the next layer's gradient came out 0 (11.05 in the reference)."""
+    torch.manual_seed(9)
+    x = torch.rand(T, B, 12) * 2
+    grads = []
+    for fused_on in (True, False):
+        torch.manual_seed(10)  # the same weights in both runs
+        blocks = [layer.Linear(12, 16)] + ([layer.BatchNorm1d(16)] if with_norm else [])
+        model = nn.Sequential(*blocks, sj_neuron.LIFNode(tau=2.0, surrogate_function=surrogate.Sigmoid(spiking=False)),
+                              layer.Linear(16, 5))
+        functional.set_step_mode(model, "m")
+        if with_norm:  # SpikingJelly 2.0's multi-step BatchNorm1d takes [T, N, C] through SeqToANNContainer
+            model[1] = layer.SeqToANNContainer(nn.BatchNorm1d(16))
+        learner = slr.wrap(model, rule="sltt", fused=fused_on)
+        model(x).square().mean().backward()
+        if fused_on:
+            assert learner.packer is None or learner.packer.packed_bytes == 0
+        learner.unwrap()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert grads[0][-2].norm() > 0
+
+
 def test_fused_option_is_validated():
     with pytest.raises(ValueError, match="fused must be True or False"):
         slr.wrap(conv_model(), rule="sltt", fused="yes")

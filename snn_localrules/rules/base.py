@@ -119,7 +119,10 @@ class Rule:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(checkpoint, dict) or not {"model", "learner"} <= set(checkpoint):
             raise ValueError(f"{path} is not a checkpoint written by learner.save() (no model/learner entries).")
-        self.load_state_dict(checkpoint["learner"])  # checks the rule before the model is touched
+        if checkpoint["learner"].get("rule") != self.name:
+            self.load_state_dict(checkpoint["learner"])  # raises, naming both rules
+        _check_fits(self.model, checkpoint["model"], path)  # all or nothing: before anything is touched
+        self.load_state_dict(checkpoint["learner"])
         self.model.load_state_dict(checkpoint["model"])
         if restore_rng:
             set_rng_state(checkpoint.get("rng"))
@@ -129,6 +132,24 @@ class Rule:
         listed = ", ".join(n.describe() for n in self.neurons[:4])
         more = f", ... ({len(self.neurons)} in all)" if len(self.neurons) > 4 else ""
         return f"{type(self).__name__}(neurons=[{listed}{more}], wrapped={self._wrapped})"
+
+
+def _check_fits(model: nn.Module, state: Dict[str, Any], path: Any) -> None:
+    """Refuse a checkpoint's model state that ``model.load_state_dict`` would refuse (it copies what fits
+    before it raises, and the learner and optimizer would already hold the checkpoint's)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
+             if isinstance(state[k], torch.Tensor) and isinstance(own[k], torch.Tensor)
+             and not isinstance(own[k], nn.parameter.UninitializedTensorMixin) and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", unexpected), ("other shapes", sorted(wrong)))
+                 if names]
+        raise ValueError(
+            f"{path} holds a model that does not fit this one ({'; '.join(parts)}); nothing was loaded. "
+            "Build the model as it was when the checkpoint was saved."
+        )
 
 
 def model_parameters_in(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
