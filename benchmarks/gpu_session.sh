@@ -14,6 +14,8 @@
 #   benchmarks/gpu_session.sh tests    # every GPU test (CuPy kernels, fused neuron, CUDA graphs)
 #   benchmarks/gpu_session.sh graphs   # the online methods again with cuda_graphs=True
 #   benchmarks/gpu_session.sh legacy   # SpikingJelly 0.0.0.0.14 (.whl-legacy/): backend='cupy' models on CUDA
+#   benchmarks/gpu_session.sh multistep  # issue 5 on the GPU: benchmarks/multistep.py --device cuda (not in
+#                                        # 'all', whose parts fill one call: a second call, ~2 min)
 #
 # grid and graphs fuse the multi-step neurons on CUDA (SLR_FUSED_CUDA=1, the path the GPU targets are
 # about); SLR_FUSED_CUDA=0 in the environment gives the stepped path's figures instead. At most 8 files
@@ -73,6 +75,11 @@ graphs() {
   rm -f "$out/gpu_graphs.png"  # at most 8 files come back; gpu.py --plot-only redraws it from the JSON
 }
 
+multistep() {  # zero-change fused SLTT vs SpikingJelly's BPTT (its default CUDA LIF and its torch one)
+  $(limit "${1:-0}") python3 benchmarks/multistep.py --device cuda --batch-size 32 --Ts 10,20 --batches 5 \
+    --idle-wait 0 --methods bptt,bptt_torch,sltt_fused,sltt_steps,sltt_online ${SLR_MULTISTEP_ARGS:-} \
+    --out "$out/multistep_gpu.json" 2>&1 | tee "$out/multistep_gpu.log"
+}
 legacy() {
   ( carried .whl-legacy /tmp/site-legacy
     $(limit "${1:-0}") python3 -m pytest -q -p no:cacheprovider -rs tests/test_sj_legacy.py 2>&1 \
@@ -94,7 +101,7 @@ case "$step" in
     graphs 90; echo "graphs done at $((SECONDS - start)) s"
     legacy 45; echo "legacy done at $((SECONDS - start)) s"
     ;;
-  grid|neuron|tests|graphs)
+  grid|neuron|tests|graphs|multistep)
     site
     "$step"
     ;;
@@ -102,7 +109,7 @@ case "$step" in
     legacy
     ;;
   *)
-    sed -n 2,18p "$0"
+    sed -n 2,20p "$0"
     exit 2
     ;;
 esac

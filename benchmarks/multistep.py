@@ -24,10 +24,19 @@ with glibc's default malloc. On a shared CPU, times are indicative only.
 ``--neuron sj``: SpikingJelly's ``LIFNode`` defaults (hard reset to 0, ``detach_reset=False``), for which
 SpikingJelly's BPTT keeps more per step.
 
+``--device cuda``: the same on a GPU. Model and batch are on the GPU before the baseline (CUDA memory
+allocated) is read; peak is ``torch.cuda.max_memory_allocated`` minus it, from the timing worker itself;
+times are synchronised. ``bptt`` is then SpikingJelly's default CUDA LIF (its own selection: native CUDA,
+else Triton), and ``bptt_torch`` its torch implementation (``SJ_LIF_CUDA_IMPLEMENTATION=torch``), the
+"torch backend" of issue 5; SpikingJelly 2.x has no CuPy LIF (0.0.0.0.14's ``backend='cupy'`` neurons are
+checked by ``tests/test_sj_legacy.py`` on the GPU). The fused SLTT neuron is used on CUDA only with
+``SLR_FUSED_CUDA=1`` until its GPU tests pass (see ``adapters/spikingjelly.py``).
+
 Usage::
 
     python benchmarks/multistep.py              # T in {4, 8, 16}, 3 timed batches
-    python benchmarks/multistep.py --quick      # T in {4}, 1 timed batch
+    python benchmarks/multistep.py --quick      # T in {4}, 1 timed batch (into results/quick/)
+    SLR_FUSED_CUDA=1 python benchmarks/multistep.py --device cuda --batch-size 32 --Ts 10,20
 """
 from __future__ import annotations
 
@@ -50,10 +59,13 @@ from memory_vs_T import (  # noqa: E402  (shared probes and network constants, o
 )
 
 METHODS = ("bptt", "sltt_fused", "sltt_fused_keepmem", "sltt_fused_nopack", "sltt_steps", "sltt_online")
+#: on request (--methods), CUDA only: SpikingJelly's torch LIF implementation on the GPU
+CUDA_METHODS = ("bptt_torch",)
 FULL_TS = (4, 8, 16)
 QUICK_TS = (4,)
 RESULT_TAG = "MULTISTEP_RESULT "
 DEFAULT_OUT = os.path.join(HERE, "results", "multistep.json")
+QUICK_OUT = os.path.join(HERE, "results", "quick", "multistep.json")
 NEURON_SETTINGS = {
     "sltt": dict(decay_input=True, v_threshold=1.0, v_reset=None, detach_reset=True),
     "sj": dict(decay_input=True, v_threshold=1.0, v_reset=0.0, detach_reset=False),
@@ -94,17 +106,31 @@ def run_worker(args) -> Dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     method, T, B = args.method, args.T, args.batch_size
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if method in CUDA_METHODS and not cuda:
+        raise ValueError(f"{method} runs on CUDA only (--device cuda)")
     slr.plugin_manager()  # loads the adapter plugins: code, not training memory
 
-    model = build_model(args.neuron, args.tau)
+    model = build_model(args.neuron, args.tau).to(device)
     model.train()
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
     generator = torch.Generator().manual_seed(args.seed + 1)
-    x_seq = (torch.rand(T, B, IN_CHANNELS, SIZE, SIZE, generator=generator) < SPIKE_PROB).float()
-    y = torch.randint(0, CLASSES, (B,), generator=generator)
+    x_seq = (torch.rand(T, B, IN_CHANNELS, SIZE, SIZE, generator=generator) < SPIKE_PROB).float().to(device)
+    y = torch.randint(0, CLASSES, (B,), generator=generator).to(device)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
 
     gc.collect()
-    baseline = current_rss_bytes()  # before any wrapping or set-up forward
+    if cuda:  # model, optimizer (no state yet) and batch are on the GPU: the same baseline for every method
+        sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = current_rss_bytes()  # before any wrapping or set-up forward
     learner = None
     if method == "sltt_online":
         learner = slr.wrap(model, rule="sltt", optimizer=optimizer, loss="ce")
@@ -129,18 +155,24 @@ def run_worker(args) -> Dict:
     losses, times, cpu_times = [], [], []
     system_start, own_start, wall_start = system_cpu_seconds(), time.process_time(), time.perf_counter()
     for index in range(args.warmup + args.batches):
+        sync()
         start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(train_batch())
+        sync()
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    peak = peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
     foreign = (system_cpu_seconds() - system_start) - (time.process_time() - own_start)
     foreign_share = max(0.0, foreign) / ((time.perf_counter() - wall_start) * (os.cpu_count() or 1))
     if learner is not None:
         learner.unwrap()
     return {
         "method": method, "T": T, "batch_size": B, "neuron": args.neuron, "threads": torch.get_num_threads(),
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
+        "sj_lif_cuda_implementation": os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION"),
+        "slr_fused_cuda": os.environ.get("SLR_FUSED_CUDA"),
         "baseline_rss_mb": baseline / MB, "peak_growth_mb": (peak - baseline) / MB,
         "times_s": times, "s_per_batch": statistics.median(times), "losses": losses,
         # process CPU time (all threads): less sensitive than wall time to other processes' load
@@ -164,13 +196,26 @@ def run_worker_process(method: str, T: int, args, mmap: bool, batches: int) -> D
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--T", str(T),
                "--batches", str(batches), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads), "--seed", str(args.seed), "--optimizer", args.optimizer,
-               "--lr", str(args.lr), "--tau", str(args.tau), "--neuron", args.neuron]
-    return launch_worker(command, method, T, mmap=mmap, idle_wait=args.idle_wait, timeout=args.timeout,
-                         tag=RESULT_TAG)
+               "--lr", str(args.lr), "--tau", str(args.tau), "--neuron", args.neuron, "--device", args.device]
+    previous = os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION")
+    if method == "bptt_torch":  # read by SpikingJelly when the worker imports it
+        os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = "torch"
+    try:
+        return launch_worker(command, method, T, mmap=mmap, idle_wait=args.idle_wait, timeout=args.timeout,
+                             tag=RESULT_TAG)
+    finally:
+        if method == "bptt_torch":
+            if previous is None:
+                os.environ.pop("SJ_LIF_CUDA_IMPLEMENTATION", None)
+            else:
+                os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = previous
 
 
 def run_config(method: str, T: int, args) -> Dict:
-    """Time from a glibc-malloc worker, peak memory from an mmap-threshold worker (see memory_vs_T.py)."""
+    """Time from a glibc-malloc worker, peak memory from an mmap-threshold worker (see memory_vs_T.py);
+    on CUDA both from one worker (the CUDA allocator's peak does not depend on malloc)."""
+    if args.device != "cpu":
+        return run_worker_process(method, T, args, mmap=False, batches=args.batches)
     timed = run_worker_process(method, T, args, mmap=False, batches=args.batches)
     if timed.get("error"):
         return timed
@@ -204,8 +249,12 @@ def compute_checks(results: Dict, Ts) -> List[Dict]:
              lambda v: v <= 1.0),
             ("sltt_fused / sltt_steps time", "sltt_fused", "sltt_steps", "s_per_batch", "(info)", None),
             ("sltt_online / bptt memory", "sltt_online", "bptt", "peak_growth_mb", "(info)", None),
+            ("sltt_fused / bptt_torch memory", "sltt_fused", "bptt_torch", "peak_growth_mb", "(info)", None),
+            ("sltt_fused / bptt_torch time", "sltt_fused", "bptt_torch", "s_per_batch", "(info)", None),
         ):
             value = _ratio(results, a, b, T, key)
+            if value is None and "bptt_torch" in (a, b) and (b, T) not in results:
+                continue  # a CUDA-only method that was not run
             checks.append({"name": f"{name}, T={T}", "value": value, "target": target,
                            "ok": None if value is None or ok is None else bool(ok(value))})
     return checks
@@ -235,8 +284,14 @@ def parent_main(args) -> int:
     table = "\n".join(lines)
     checks = compute_checks(results, Ts)
     print()
-    print(f"Peak memory growth over the pre-wrap RSS (mmap-threshold worker) and median wall and CPU time per "
-          f"batch (glibc worker); batch {args.batch_size}, input {IN_CHANNELS}x{SIZE}x{SIZE}, LIF setting '{args.neuron}', "
+    if args.device == "cpu":
+        measured = ("Peak memory growth over the pre-wrap RSS (mmap-threshold worker) and median wall and CPU time "
+                    "per batch (glibc worker)")
+    else:
+        first = next((r for r in results.values() if not r.get("error")), {})
+        measured = (f"Peak CUDA memory allocated over the pre-wrap baseline (model and batch on the GPU) and median "
+                    f"synchronised wall time per batch, {first.get('device_name', args.device)}")
+    print(f"{measured}; batch {args.batch_size}, input {IN_CHANNELS}x{SIZE}x{SIZE}, LIF setting '{args.neuron}', "
           f"{args.batches} timed batch(es), {args.threads} thread(s). Cells: 'MB, s/batch (CPU s/batch)'.")
     print()
     print(table)
@@ -255,7 +310,7 @@ def parent_main(args) -> int:
         "config": {"Ts": list(Ts), "methods": list(methods), "batch_size": args.batch_size, "neuron": args.neuron,
                    "neuron_kwargs": NEURON_SETTINGS[args.neuron], "tau": args.tau, "batches": args.batches,
                    "warmup": args.warmup, "threads": args.threads, "optimizer": args.optimizer, "lr": args.lr,
-                   "seed": args.seed, "quick": args.quick, "cpu_count": os.cpu_count(),
+                   "seed": args.seed, "quick": args.quick, "cpu_count": os.cpu_count(), "device": args.device,
                    "conv_channels": list(CONV_CHANNELS), "input": [IN_CHANNELS, SIZE, SIZE]},
         "results": [results[c] for c in configs],
         "checks": checks,
@@ -285,19 +340,27 @@ def parse_args(argv=None):
                    help="sltt: soft reset, detach_reset (SLTT authors); sj: LIFNode defaults (hard reset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--Ts", default=None, help="comma-separated T values")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)} (CUDA also {','.join(CUDA_METHODS)})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: CUDA memory and synchronised times)")
+    p.add_argument("--out", default=None,
+                   help=f"JSON output path (default {DEFAULT_OUT}; with --quick {QUICK_OUT}, so that a smoke run "
+                        "does not overwrite the full results)")
     p.add_argument("--idle-wait", type=float, default=10.0,
                    help="wait up to this many seconds for idle CPUs before each worker (0: do not wait)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=METHODS + CUDA_METHODS, help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batches is None:
         args.batches = 1 if args.quick else 3
-    if args.methods and set(args.methods.split(",")) - set(METHODS):
-        p.error(f"unknown method(s) in {args.methods!r}; choose from {', '.join(METHODS)}")
+    if args.methods and set(args.methods.split(",")) - set(METHODS + CUDA_METHODS):
+        p.error(f"unknown method(s) in {args.methods!r}; choose from {', '.join(METHODS + CUDA_METHODS)}")
+    if args.device == "cpu" and args.methods and set(args.methods.split(",")) & set(CUDA_METHODS):
+        p.error(f"{', '.join(CUDA_METHODS)} run on CUDA only: add --device cuda")
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     return args
 
 

@@ -178,3 +178,32 @@ def test_python_dash_m_benchmarks_from_the_repository_root(tmp_path):
     assert proc.returncode == (0 if has_matplotlib() else 1), proc.stderr
     if has_matplotlib():
         assert (tmp_path / "tp_memory.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _multistep():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("multistep_bench", BENCH / "multistep.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_multistep_benchmark_options_and_one_worker():
+    """benchmarks/multistep.py: a --quick run writes under results/quick/ (it overwrote the full results),
+    CUDA-only methods are refused on the CPU, and one worker measures a batch."""
+    pytest.importorskip("spikingjelly")
+    multistep = _multistep()
+    assert multistep.parse_args(["--quick"]).out == multistep.QUICK_OUT != multistep.DEFAULT_OUT
+    assert multistep.parse_args([]).out == multistep.DEFAULT_OUT
+    with pytest.raises(SystemExit):
+        multistep.parse_args(["--methods", "bptt,bptt_torch"])
+    devices = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+    for device in devices:
+        args = multistep.parse_args(["--worker", "--method", "bptt", "--T", "2", "--batch-size", "2", "--batches", "1",
+                                     "--warmup", "0", "--threads", "1", "--device", device])
+        result = multistep.run_worker(args)
+        assert result["error"] is None and result["device"].startswith(device) and result["peak_growth_mb"] > 0
+        assert result["memory_kind"] == ("cuda_max_allocated" if device == "cuda" else "peak_rss")
