@@ -361,7 +361,8 @@ def method_settings(method: str, args) -> Dict[str, Any]:
     elif method == "sltt_k2":
         # issue 8's SLTT-K on GPU: each run of forward-only steps as one no-grad multi-step call (the model's
         # batch norm then normalises such a run over its steps * B samples; the default follows chunk)
-        wrap.update(K=2, seed=args.seed, nograd_chunk=getattr(args, "T", None) or max(args.Ts))
+        # a worker knows its T; the run's header records the rule ("T") rather than one cell's number
+        wrap.update(K=2, seed=args.seed, nograd_chunk=getattr(args, "T", None) or "T")
     if args.cuda_graphs:
         wrap["cuda_graphs"] = True
     return {"optimizer": common["optimizer"], "wrap": wrap, "mode": "online (learner.step)"}
