@@ -452,9 +452,9 @@ def _why_not_cut(module: nn.Module, base: Any) -> Optional[str]:
     if not type(module).__module__.startswith(_NEURON_PACKAGE):
         return None
     memories = getattr(module, "_memories", None)
-    if _is_neuron(module, base):  # keeps v, but cannot run one step alone
-        return ("it runs only in multi-step mode: it has no single-step forward (its parameters are indexed "
-                "by time step), so its state cannot be cut between steps")
+    if isinstance(module, base.MemoryModule) and not _steps_alone(type(module), base):
+        return ("it runs only in multi-step mode: it has no single-step forward (GatedLIFNode indexes its "
+                "parameters by time step), so its state cannot be cut between steps")
     if isinstance(module, base.MemoryModule):
         kept = ", ".join(memories) if isinstance(memories, dict) and memories else "no registered memory"
         return f"it keeps its state in {kept}, not in a membrane v"

@@ -75,6 +75,8 @@ class ModuleHooks:
 
 
 def _looks_like_neuron(module: nn.Module) -> bool:
+    if type(module).__module__.startswith("torch."):
+        return False  # torch's own modules (nn.Threshold has a ``threshold`` too) are no neurons
     name = type(module).__name__.lower()
     return any(hint in name for hint in _NEURON_NAME_HINTS) or any(
         hasattr(module, attr) for attr in ("v_threshold", "threshold", "mem")
@@ -159,6 +161,11 @@ def wrap(model: nn.Module, rule: str = "sltt", **options: Any):
     _check_option_names(rule, registry, options)
     neurons = find_neurons(model)
     _check_not_wrapped_elsewhere(model, neurons)
+    if _copied_hook_modules(model):
+        raise WrapError(
+            f"this {type(model).__name__} carries the hooks of a wrapped model it was copied from "
+            "(copy.deepcopy of a wrapped model); call slr.unwrap(copy) first, then wrap it."
+        )
     learner = registry[rule](model, neurons, **options)  # validates options; touches nothing
     try:
         learner._install()
@@ -206,12 +213,7 @@ def _strip_copied_hooks(model: nn.Module) -> bool:
     along (an EMA teacher, a best-model snapshot). Returns whether there were any."""
     live = {id(m): owner for owner in list(_WRAPPED) for m in owner.modules()}
     found = False
-    for module in model.modules():
-        ours = [key for name in _HOOK_DICTS for key in getattr(module, name, {}) if key in _HOOK_IDS]
-        forward = vars(module).get("forward")
-        own_forward = isinstance(forward, types.MethodType) and forward.__func__ in _FORWARD_FUNCTIONS
-        if not ours and not own_forward:
-            continue
+    for module in _copied_hook_modules(model):
         if id(module) in live:
             raise WrapError(
                 f"this {type(model).__name__} is part of a {type(live[id(module)]).__name__} that is wrapped; "
@@ -222,10 +224,22 @@ def _strip_copied_hooks(model: nn.Module) -> bool:
             if isinstance(hooks, dict):
                 for key in [k for k in hooks if k in _HOOK_IDS]:
                     del hooks[key]
-        if own_forward:
+        if _has_own_forward(module):
             object.__delattr__(module, "forward")
         found = True
     return found
+
+
+def _has_own_forward(module: nn.Module) -> bool:
+    forward = vars(module).get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ in _FORWARD_FUNCTIONS
+
+
+def _copied_hook_modules(model: nn.Module) -> List[nn.Module]:
+    """The modules of ``model`` that carry hooks or a per-instance forward snn-localrules installed (on
+    them, or on the model a deep copy was made of)."""
+    return [m for m in model.modules()
+            if _has_own_forward(m) or any(key in _HOOK_IDS for name in _HOOK_DICTS for key in getattr(m, name, {}))]
 
 
 def _option_names(cls: type) -> Optional[List[str]]:

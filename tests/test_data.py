@@ -286,6 +286,11 @@ def test_aedat3_reader_keeps_the_complete_events_of_a_cut_off_file(tmp_path):
     (tmp_path / "bad.aedat").write_bytes(whole[:-(8 + 8 + 28)] + struct.pack("<hhiiiiii", 1, 1, 0, 4, 0, 2, 2, 2))
     with pytest.raises(ValueError, match="corrupt AEDAT 3 packet header"):
         read_aedat3(str(tmp_path / "bad.aedat"))
+    # a corrupt header in the middle (an absurd capacity) is no cut-off recording: the rest is not events
+    (tmp_path / "mid.aedat").write_bytes(whole[:-(16 + 28)] + struct.pack("<hhiiiiii", 1, 1, 8, 4, 0, 2**30, 2, 2)
+                                         + bytes(16))
+    with pytest.raises(ValueError, match="corrupt AEDAT 3 packet header"):
+        read_aedat3(str(tmp_path / "mid.aedat"))
 
 
 def test_aedat_readers_refuse_other_versions(tmp_path):

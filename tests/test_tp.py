@@ -304,6 +304,28 @@ def test_the_readout_is_what_runs_after_the_last_neuron():
     learner.unwrap()
 
 
+def test_a_module_holding_the_last_neuron_is_no_readout():
+    """The model's own weight (an input gain) or a block around the last neuron finishes after it: the
+    model still ends with that neuron."""
+
+    class Gained(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.gain = nn.Parameter(torch.ones(()))
+            self.net = nn.Sequential(layer.Linear(12, 32), neuron.LIFNode(tau=2.0), layer.Linear(32, 4),
+                                     neuron.LIFNode(tau=2.0, v_threshold=0.3))
+
+        def forward(self, x):
+            return self.net(x * self.gain)
+
+    model = Gained()
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4)
+    stats = learner.step(torch.rand(4, 8, 12) * 3, torch.randint(0, 4, (8,)))
+    assert learner.neuron_output and len(stats.layer_losses) == 1
+    learner.unwrap()
+
+
 def test_spike_count_prediction_of_a_step_equals_predict():
     torch.manual_seed(3)
     model = nn.Sequential(layer.Linear(12, 32), neuron.LIFNode(tau=2.0), layer.Linear(32, 4),

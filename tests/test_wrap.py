@@ -384,3 +384,29 @@ def test_unwrap_of_a_deep_copy_removes_what_the_copy_carried(online):
     assert torch.equal(teacher(x), expected)
     with pytest.raises(slr.WrapError, match="not wrapped"):
         slr.unwrap(teacher)
+
+
+@pytest.mark.parametrize("make", [lambda: sj_conv("m"), lambda: sj_mlp("LIFNode", "s"), lambda: snn_sequential()])
+def test_wrapping_a_deep_copy_that_carries_hooks_says_to_unwrap_it_first(make):
+    import copy
+
+    model = make()
+    learner = slr.wrap(model, rule="sltt")
+    twin = copy.deepcopy(model)
+    hooks = [len(m._forward_pre_hooks) for m in twin.modules()]
+    with pytest.raises(slr.WrapError, match=r"carries the hooks of a wrapped model.*slr.unwrap\(copy\) first"):
+        slr.wrap(twin, rule="sltt")
+    assert [len(m._forward_pre_hooks) for m in twin.modules()] == hooks  # no second set
+    slr.unwrap(twin)
+    slr.wrap(twin, rule="sltt").unwrap()
+    learner.unwrap()
+
+
+def test_torch_modules_are_never_taken_for_neurons():
+    model = sj_mlp()
+    model.append(nn.Threshold(0.1, 0.0))  # has a ``threshold`` attribute
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slr.wrap(model, rule="sltt").unwrap()

@@ -104,6 +104,10 @@ def read_nmnist_bin(path: str) -> np.ndarray:
 
 
 _AEDAT3_HEADER = struct.Struct("<hhiiiiii")  # type, source, size, tsOffset, tsOverflow, capacity, number, valid
+# a packet that runs past the end of the file is taken for a cut-off recording only if its header is
+# plausible (a libcaer event, a DAVIS frame included, is under 8 MB; a packet holds far fewer than 2**24);
+# otherwise the header is corrupt and the rest of the file is not read as events
+_AEDAT3_MAX_EVENT, _AEDAT3_MAX_CAPACITY = 1 << 23, 1 << 24
 
 
 def read_aedat3(path: str) -> np.ndarray:
@@ -135,6 +139,8 @@ def read_aedat3(path: str) -> np.ndarray:
         if esize <= 0 or capacity < 0 or number < 0:
             raise ValueError(f"{path}: corrupt AEDAT 3 packet header at byte {pos - _AEDAT3_HEADER.size}")
         number = min(number, capacity)
+        if pos + length > len(raw) and (esize > _AEDAT3_MAX_EVENT or capacity > _AEDAT3_MAX_CAPACITY):
+            raise ValueError(f"{path}: corrupt AEDAT 3 packet header at byte {pos - _AEDAT3_HEADER.size}")
         if pos + length > len(raw):
             # a recording cut off in its last packet (a full disk, a killed logger): keep the events that
             # were written completely, as other AEDAT readers do, and say so

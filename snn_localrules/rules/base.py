@@ -3,6 +3,7 @@ pieces every online driver shares (input checks, choosing the output, stepping a
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -121,9 +122,17 @@ class Rule:
             raise ValueError(f"{path} is not a checkpoint written by learner.save() (no model/learner entries).")
         if checkpoint["learner"].get("rule") != self.name:
             self.load_state_dict(checkpoint["learner"])  # raises, naming both rules
-        _check_fits(self.model, checkpoint["model"], path)  # all or nothing: before anything is touched
-        self.load_state_dict(checkpoint["learner"])
-        self.model.load_state_dict(checkpoint["model"])
+        # all or nothing: model.load_state_dict copies what fits before it raises, and the optimizer's state
+        # would otherwise already be the checkpoint's (for a model of another shape: the next step crashes)
+        model_before = copy.deepcopy(self.model.state_dict())
+        learner_before = copy.deepcopy(self.state_dict())
+        try:
+            self.model.load_state_dict(checkpoint["model"])  # torch's own rules (its load hooks included)
+            self.load_state_dict(checkpoint["learner"])
+        except BaseException:
+            self.model.load_state_dict(model_before)
+            self.load_state_dict(learner_before)
+            raise
         if restore_rng:
             set_rng_state(checkpoint.get("rng"))
         return dict(checkpoint.get("extra") or {})
@@ -132,24 +141,6 @@ class Rule:
         listed = ", ".join(n.describe() for n in self.neurons[:4])
         more = f", ... ({len(self.neurons)} in all)" if len(self.neurons) > 4 else ""
         return f"{type(self).__name__}(neurons=[{listed}{more}], wrapped={self._wrapped})"
-
-
-def _check_fits(model: nn.Module, state: Dict[str, Any], path: Any) -> None:
-    """Refuse a checkpoint's model state that ``model.load_state_dict`` would refuse (it copies what fits
-    before it raises, and the learner and optimizer would already hold the checkpoint's)."""
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
-             if isinstance(state[k], torch.Tensor) and isinstance(own[k], torch.Tensor)
-             and not isinstance(own[k], nn.parameter.UninitializedTensorMixin) and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
-                 for label, names in (("missing", missing), ("unexpected", unexpected), ("other shapes", sorted(wrong)))
-                 if names]
-        raise ValueError(
-            f"{path} holds a model that does not fit this one ({'; '.join(parts)}); nothing was loaded. "
-            "Build the model as it was when the checkpoint was saved."
-        )
 
 
 def model_parameters_in(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:

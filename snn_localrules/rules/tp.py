@@ -303,19 +303,21 @@ class TP(Rule):
             if group is not None:  # every process must draw the same S: scale by the mean over processes
                 level = distributed.mean_over_group(level, group, x_step.device)
             if level == 0.0:  # an all-zero batch: no magnitude to match yet; the next batch makes S
-                dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x_step.dtype)
-                return torch.zeros((len(y), *x_step.shape[1:]), device=x_step.device, dtype=dtype)
+                return torch.zeros((len(y), *x_step.shape[1:]), device=x_step.device, dtype=self._weights_dtype(x_step))
             scale = level / max(s.mean().item(), 1e-12)
             # in the dtype of the weights it feeds (a float16 first batch to a float32 model is promoted by
             # the concatenation, as every later one is), else the input's
-            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x_step.dtype)
-            self.projection = (s * scale * self.label_scale).to(x_step.device, dtype)
+            self.projection = (s * scale * self.label_scale).to(x_step.device, self._weights_dtype(x_step))
         elif self.projection.shape[1:] != x_step.shape[1:]:
             raise WrapError(
                 f"the label projection was made for inputs {tuple(self.projection.shape[1:])}, this batch has "
                 f"{tuple(x_step.shape[1:])}; TP needs one input shape per learner."
             )
         return self.projection[y]
+
+    def _weights_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of the model's weights (the label path feeds them), else ``x``'s."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
 
     # -- training --------------------------------------------------------------------------------
     def _hidden_order(self) -> List[int]:
@@ -479,11 +481,15 @@ class TP(Rule):
         # the modules with weights of their own (not a neuron's, nor inside one; frozen ones too: a frozen
         # readout is still the readout): how many neurons had run when each finished; those that run after
         # the last neuron are the readout
+        # a module holding a neuron (the model itself, a block) finishes after it: not a readout either
         inside_neurons = {id(m) for n in self.neurons for m in n.module.modules()}
+        neuron_ids = {id(n.module) for n in self.neurons}
+        holders = {id(m) for m in self.model.modules() if any(id(sub) in neuron_ids for sub in m.modules())}
         after: List[int] = []
         handles = [m.register_forward_hook(lambda *_: after.append(len(self._seen)))
                    for m in self.model.modules()
-                   if id(m) not in inside_neurons and any(True for _ in m.parameters(recurse=False))]
+                   if id(m) not in inside_neurons and id(m) not in holders
+                   and any(True for _ in m.parameters(recurse=False))]
         try:
             run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
         finally:
