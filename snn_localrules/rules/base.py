@@ -545,9 +545,9 @@ def guarded_step(finite_input: bool = False, restore: Sequence[str] = ()) -> Cal
                 return step(self, x_seq, y, *args, **kwargs)
             except BaseException:
                 with torch.no_grad():
-                    for module, name, value, copy in buffers:
+                    for module, name, value, kept in buffers:
                         module._buffers[name] = value
-                        value.copy_(copy)
+                        value.copy_(kept)
                 for name, value in saved.items():
                     setattr(self, name, value)
                 raise
