@@ -4,7 +4,8 @@ A neuron is a ``snntorch.SpikingNeuron`` whose ``forward(input_, <state>...)`` n
 after its buffers (``Leaky``: ``mem``; ``Synaptic``: ``syn, mem``; ``RLeaky``: ``spk, mem``; ``RSynaptic``;
 ``Alpha``: ``syn_exc, syn_inh, mem``; ``Lapicque``; ``SLSTM``, ``SConv2dLSTM``: ``syn, mem``). With
 ``init_hidden=True`` the state lives in the module; with ``init_hidden=False`` the user's ``forward``
-passes it in and out, and the adapter cuts it on the way in. Resetting touches only the model's own neurons, not every instance as ``snntorch.utils.reset`` does.
+passes it in and out, and the adapter cuts it on the way in. Resetting touches only the model's own
+neurons, not every instance as ``snntorch.utils.reset`` does.
 """
 from __future__ import annotations
 

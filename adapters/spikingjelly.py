@@ -451,11 +451,11 @@ def _why_not_cut(module: nn.Module, base: Any) -> Optional[str]:
     between time steps in a form this adapter cannot cut; None for anything else."""
     if not type(module).__module__.startswith(_NEURON_PACKAGE):
         return None
-    memories = getattr(module, "_memories", None)
-    if isinstance(module, base.MemoryModule) and not _steps_alone(type(module), base):
-        return ("it runs only in multi-step mode: it has no single-step forward (GatedLIFNode indexes its "
-                "parameters by time step), so its state cannot be cut between steps")
     if isinstance(module, base.MemoryModule):
+        if not _steps_alone(type(module), base):
+            return ("it runs only in multi-step mode: it has no single-step forward (GatedLIFNode indexes its "
+                    "parameters by time step), so its state cannot be cut between steps")
+        memories = getattr(module, "_memories", None)
         kept = ", ".join(memories) if isinstance(memories, dict) and memories else "no registered memory"
         return f"it keeps its state in {kept}, not in a membrane v"
     multi_step_only = getattr(base, "MultiStepModule", None)

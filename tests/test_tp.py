@@ -231,11 +231,16 @@ def test_tp_on_snntorch_spike_output_model():
     learner.unwrap()
 
 
+def _spike_output_mlp(seed, v_threshold):
+    """12-32-4 with a LIF after each linear: the model ends with a neuron (spike-count output)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(layer.Linear(12, 32), neuron.LIFNode(tau=2.0), layer.Linear(32, 4),
+                         neuron.LIFNode(tau=2.0, v_threshold=v_threshold))
+
+
 def test_tp_on_spikingjelly_spike_output_model():
     # a SpikingJelly neuron holds its surrogate as a child module: the model still ends with the neuron
-    torch.manual_seed(0)
-    model = nn.Sequential(layer.Linear(12, 32), neuron.LIFNode(tau=2.0), layer.Linear(32, 4),
-                          neuron.LIFNode(tau=2.0, v_threshold=0.5))
+    model = _spike_output_mlp(seed=0, v_threshold=0.5)
     learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), num_classes=4)
     assert learner.neuron_output
     x = torch.rand(5, 8, 12) * 3
@@ -311,10 +316,8 @@ def test_a_module_holding_the_last_neuron_is_no_readout():
     class Gained(nn.Module):
         def __init__(self):
             super().__init__()
-            torch.manual_seed(2)
             self.gain = nn.Parameter(torch.ones(()))
-            self.net = nn.Sequential(layer.Linear(12, 32), neuron.LIFNode(tau=2.0), layer.Linear(32, 4),
-                                     neuron.LIFNode(tau=2.0, v_threshold=0.3))
+            self.net = _spike_output_mlp(seed=2, v_threshold=0.3)
 
         def forward(self, x):
             return self.net(x * self.gain)
@@ -327,9 +330,7 @@ def test_a_module_holding_the_last_neuron_is_no_readout():
 
 
 def test_spike_count_prediction_of_a_step_equals_predict():
-    torch.manual_seed(3)
-    model = nn.Sequential(layer.Linear(12, 32), neuron.LIFNode(tau=2.0), layer.Linear(32, 4),
-                          neuron.LIFNode(tau=2.0, v_threshold=0.3))
+    model = _spike_output_mlp(seed=3, v_threshold=0.3)
     learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), num_classes=4)
     x, y = torch.rand(6, 16, 12) * 3, torch.randint(0, 4, (16,))
     spikes = []

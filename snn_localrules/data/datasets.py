@@ -136,12 +136,12 @@ def read_aedat3(path: str) -> np.ndarray:
         etype, _src, esize, _tsoff, tsover, capacity, number, _valid = _AEDAT3_HEADER.unpack_from(raw, pos)
         pos += _AEDAT3_HEADER.size
         length = capacity * esize
-        if esize <= 0 or capacity < 0 or number < 0:
+        past_end = pos + length > len(raw)
+        if esize <= 0 or capacity < 0 or number < 0 or (
+                past_end and (esize > _AEDAT3_MAX_EVENT or capacity > _AEDAT3_MAX_CAPACITY)):
             raise ValueError(f"{path}: corrupt AEDAT 3 packet header at byte {pos - _AEDAT3_HEADER.size}")
         number = min(number, capacity)
-        if pos + length > len(raw) and (esize > _AEDAT3_MAX_EVENT or capacity > _AEDAT3_MAX_CAPACITY):
-            raise ValueError(f"{path}: corrupt AEDAT 3 packet header at byte {pos - _AEDAT3_HEADER.size}")
-        if pos + length > len(raw):
+        if past_end:
             # a recording cut off in its last packet (a full disk, a killed logger): keep the events that
             # were written completely, as other AEDAT readers do, and say so
             whole = (len(raw) - pos) // esize

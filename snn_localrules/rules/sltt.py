@@ -161,10 +161,10 @@ def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[
 def _cut_carried_pre_hook(holder: Any) -> Callable:
     def hook(module: nn.Module, args: tuple) -> None:
         own = holder.for_module(module) if hasattr(holder, "for_module") else holder  # a deep copy's own
-        state = own.get_state()
-        cut = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor) and v.requires_grad}
-        if cut:
-            own.set_state(cut)
+        if isinstance(own, NeuronAdapter):
+            own.detach_state()
+        else:  # the same cut for any holder: it needs only get_state/set_state
+            NeuronAdapter.detach_state(own)
 
     return hook
 

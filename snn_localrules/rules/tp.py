@@ -478,10 +478,9 @@ class TP(Rule):
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         self._seen = []
-        # the modules with weights of their own (not a neuron's, nor inside one; frozen ones too: a frozen
-        # readout is still the readout): how many neurons had run when each finished; those that run after
-        # the last neuron are the readout
-        # a module holding a neuron (the model itself, a block) finishes after it: not a readout either
+        # the modules with weights of their own (frozen ones too: a frozen readout is still the readout),
+        # neither inside a neuron nor holding one (the model itself, a block: it finishes after its
+        # neurons): how many neurons had run when each finished; those that ran after the last are the readout
         inside_neurons = {id(m) for n in self.neurons for m in n.module.modules()}
         neuron_ids = {id(n.module) for n in self.neurons}
         holders = {id(m) for m in self.model.modules() if any(id(sub) in neuron_ids for sub in m.modules())}
