@@ -151,6 +151,7 @@ class SpikingJellyNeuron(NeuronAdapter):
     """Adapter for one SpikingJelly neuron module."""
 
     framework = "spikingjelly"
+    fused_outputs_binary = True  # the fused form is taken for Heaviside surrogates only (_fusable_kind)
 
     @property
     def state_names(self):  # type: ignore[override]

@@ -37,6 +37,7 @@ from .errors import (  # noqa: E402
     LayoutError,
     LossError,
     NonFiniteLossError,
+    PluginError,
     SLRError,
     UnsupportedModelError,
     WrapError,
@@ -70,6 +71,7 @@ __all__ = [
     "WrapError",
     "UnsupportedModelError",
     "LayoutError",
+    "PluginError",
     "LossError",
     "NonFiniteLossError",
 ]

@@ -21,6 +21,36 @@ def stack_steps(steps: "list[torch.Tensor]") -> torch.Tensor:
     return steps[0].unsqueeze(0) if len(steps) == 1 else torch.stack(steps)
 
 
+def _detached(value: Any, name: str, owner: Any) -> Any:
+    """``value`` with every tensor in it that requires grad detached; ``value`` itself when none does."""
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value.requires_grad else value
+    if value is None or isinstance(value, (bool, int, float, complex, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = [_detached(item, name, owner) for item in value]
+        if all(new is old for new, old in zip(items, value)):
+            return value
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*items)
+        return type(value)(items)
+    if isinstance(value, dict):
+        items = {key: _detached(item, name, owner) for key, item in value.items()}
+        if all(items[key] is value[key] for key in value):
+            return value
+        rebuilt = copy.copy(value)  # keeps a dict subclass's own settings (a defaultdict's factory)
+        rebuilt.update(items)
+        return rebuilt
+    from .errors import PluginError
+
+    describe = owner.describe() if isinstance(owner, NeuronAdapter) else type(owner).__name__
+    raise PluginError(
+        f"the carried state {name!r} of {describe} is a {type(value).__name__}; snn-localrules can cut "
+        "tensors, numbers, None and tuples, lists or dicts of them from the graph. Return such values from "
+        "the adapter's get_state(), or override its detach_state()."
+    )
+
+
 @dataclass(frozen=True)
 class NeuronInfo:
     """One supported neuron class, as listed by :func:`snn_localrules.neurons`."""
@@ -34,7 +64,11 @@ class NeuronAdapter:
     """Access to one neuron module's carried state and time stepping.
 
     Subclass it in a plugin. The defaults assume the state lives in module attributes named by
-    ``state_names`` and that calling the module once runs one time step.
+    ``state_names`` and that calling the module once runs one time step. A neuron whose call can take a
+    whole ``[T, B, ...]`` sequence must also override :attr:`supports_multi_step`, :attr:`multi_step` and
+    :meth:`single_step`, and :meth:`run_steps` when its output is not one tensor: the core cannot tell a
+    sequence from a batch, and would otherwise cut the state once per call (the gradient of BPTT) and feed
+    the neuron one step ``[B, ...]`` in online training.
 
     :param module: the neuron module this adapter speaks for.
     """
@@ -46,6 +80,10 @@ class NeuronAdapter:
     #: False for modules that carry state but are not a neuron layer of their own (a recurrent
     #: container around a neuron): temporal cuts apply to them, layer-wise rules (TP) skip them
     is_layer: bool = True
+    #: True when what :meth:`fused_sltt_multi_step` returns is always exactly 0 or 1 (a Heaviside's
+    #: output): the layers after the neuron may then keep it in one byte for backward (``pack_spikes``).
+    #: Leave it False for graded or smooth outputs, which would be rounded.
+    fused_outputs_binary: bool = False
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -58,9 +96,16 @@ class NeuronAdapter:
         copies = self.__dict__.setdefault("_copies", weakref.WeakKeyDictionary())
         adapter = copies.get(module)
         if adapter is None:
-            adapter = copy.copy(self)
-            adapter.__dict__.pop("_copies", None)
-            adapter.module = module
+            # the plugins build the copy's adapter as they built this one, so whatever an adapter derives
+            # from its module in __init__ (a child holding the state) is the copy's; if no plugin answers
+            # any more (unregistered since), a shallow copy pointed at the copy's module
+            from .plugins import plugin_manager
+
+            adapter = plugin_manager().hook.slr_neuron_adapter(module=module)
+            if not isinstance(adapter, NeuronAdapter):
+                adapter = copy.copy(self)
+                adapter.__dict__.pop("_copies", None)
+                adapter.module = module
             copies[module] = adapter
         return adapter
 
@@ -77,10 +122,15 @@ class NeuronAdapter:
     def detach_state(self) -> None:
         """Cut the carried state from the autograd graph: the next step sees it as a constant.
 
-        New tensors are assigned; the old ones (which may be the user's) are not modified in place.
+        New tensors are assigned; the old ones (which may be the user's) are not modified in place. A state
+        value may be a tensor, a number, ``None``, or a tuple (named tuples too), list or dict of them; an
+        adapter whose state is another kind of object overrides this method.
         """
-        state = self.get_state()
-        cut = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+        cut = {}
+        for name, value in self.get_state().items():
+            detached = _detached(value, name, self)
+            if detached is not value:
+                cut[name] = detached
         if cut:
             self.set_state(cut)
 

@@ -30,5 +30,9 @@ class NonFiniteLossError(SLRError, FloatingPointError):
     """A loss came out NaN or infinite; the batch was abandoned and nothing was updated."""
 
 
+class PluginError(SLRError, RuntimeError):
+    """A plugin answered a hook with something the core cannot use; the message names the hook and the fix."""
+
+
 class BackendError(SLRError, RuntimeError):
     """A compute backend (e.g. CuPy kernels) was asked for but cannot run here."""

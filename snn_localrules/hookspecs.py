@@ -34,7 +34,10 @@ def slr_neuron_adapter(module: nn.Module) -> Optional["NeuronAdapter"]:
     :return: a :class:`snn_localrules.NeuronAdapter` bound to ``module``, which tells the core how to read,
         detach and reset the neuron's carried state and how to run it one time step; ``None`` when the
         module is not a neuron of this plugin's framework. The first plugin that answers wins, so a more
-        specific plugin registered later (pluggy calls later registrations first) can take over a class.
+        specific plugin registered later (pluggy calls later registrations first) can take over a class;
+        the bundled SpikingJelly and snnTorch adapters are registered before every entry point, so any
+        third-party plugin is asked before them. A plugin that knows the module but cannot support it
+        raises :class:`snn_localrules.UnsupportedModelError` with the reason and the fix.
     """
 
 
@@ -62,9 +65,11 @@ def slr_carried_state(model: nn.Module, neurons: Sequence["NeuronAdapter"]) -> S
 
     :param model: the wrapped model.
     :param neurons: the adapters found at wrap time (their state is already covered).
-    :return: objects with ``get_state() -> {name: tensor or number or None}`` and ``set_state(mapping)``
-        (a :class:`snn_localrules.NeuronAdapter` for the module does), one per module that keeps such
-        state (SpikingJelly's ``layer.Dropout`` mask); empty when the framework keeps none.
+    :return: objects with a ``module`` attribute (the ``nn.Module`` that keeps the state),
+        ``get_state() -> {name: value}`` (tensors, numbers, None, or tuples/lists/dicts of them) and
+        ``set_state(mapping)`` (a :class:`snn_localrules.NeuronAdapter` for the module has all three),
+        one per module that keeps such state (SpikingJelly's ``layer.Dropout`` mask); empty when the
+        framework keeps none.
     """
 
 
@@ -83,7 +88,9 @@ def slr_rules() -> Mapping[str, type]:
 
     :return: a mapping ``{name: rule class}``; each class subclasses :class:`snn_localrules.rules.Rule`
         and is built as ``cls(model, neurons, **options)`` by :func:`snn_localrules.wrap`. Names must be
-        unique across plugins.
+        unique across plugins. The learner takes the name it was wrapped by (``learner.name``: in its
+        messages and checkpoints), so a subclass of a built-in rule registered under a new name is a rule
+        of its own.
     """
 
 

@@ -1,18 +1,21 @@
 """The plugin manager: hook specs, then the built-in plugins, then entry points, then a check.
 
-The framework adapters ship with this package but are registered like any third-party plugin, through
-the ``snn_localrules`` entry-point group. When the package runs from a source tree without installed
-metadata, the same adapter modules are registered directly so that nothing depends on how it was
-installed.
+The framework adapters ship with this package and are declared in the ``snn_localrules`` entry-point
+group like any third-party plugin, but they are registered before the entry points are loaded: pluggy
+asks later registrations first, so every third-party plugin, wherever its distribution was found, is
+asked before them and can take over a framework's class (``firstresult`` hooks). The entry-point names
+of the bundled adapters (``spikingjelly``, ``snntorch``) are taken: a third-party entry point of the same
+name is not loaded.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import pluggy
 
 from . import hookspecs
+from .errors import PluginError
 
 #: entry-point group third-party plugins register under
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
@@ -32,10 +35,9 @@ def _build_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     for name in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(name), name=name)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for name, module_name in BUNDLED_ADAPTERS.items():
-        if pm.get_plugin(name) is None and not pm.is_blocked(name):
-            pm.register(importlib.import_module(module_name), name=name)
+        pm.register(importlib.import_module(module_name), name=name)
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)  # skips the names registered above
     pm.check_pending()
     return pm
 
@@ -55,7 +57,11 @@ def register_plugin(plugin: object, name: Optional[str] = None) -> str:
     """
     pm = plugin_manager()
     registered = pm.register(plugin, name=name)
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except BaseException:
+        pm.unregister(name=registered)  # a plugin with a misspelled hook is not left half registered
+        raise
     return registered
 
 
@@ -68,6 +74,11 @@ def rule_registry() -> Dict[str, type]:
     """All rules the registered plugins provide, ``{name: class}``."""
     registry: Dict[str, type] = {}
     for answer in plugin_manager().hook.slr_rules():
+        if not isinstance(answer, Mapping):
+            raise PluginError(
+                f"a plugin's slr_rules returned {type(answer).__name__}; it must return a mapping "
+                "{name: rule class}, e.g. {'my_rule': MyRule}."
+            )
         for name, cls in answer.items():
             if name in registry and registry[name] is not cls:
                 raise RuntimeError(

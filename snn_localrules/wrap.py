@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch.nn as nn
 
 from .adapter import NeuronAdapter
-from .errors import UnsupportedModelError, WrapError
+from .errors import PluginError, SLRError, UnsupportedModelError, WrapError
 from .plugins import neurons as supported_neurons
 from .plugins import plugin_manager, rule_registry
 
@@ -98,10 +98,23 @@ def find_neurons(model: nn.Module) -> List[NeuronAdapter]:
     found: List[NeuronAdapter] = []
     suspects: List[str] = []
     for name, module in model.named_modules():
+        where = f"module {name or '<model>'!r} ({type(module).__module__}.{type(module).__name__})"
         try:
             adapter = hook(module=module)
         except UnsupportedModelError as error:  # a plugin knows the module and refuses it: say where it is
             raise UnsupportedModelError(f"module {name or '<model>'!r}: {error}") from error
+        except SLRError:
+            raise
+        except Exception as error:  # a plugin's own bug: say which module it was asked about
+            raise PluginError(
+                f"a plugin's slr_neuron_adapter failed on {where}: {type(error).__name__}: {error}. A plugin "
+                "that cannot support a module raises UnsupportedModelError with the reason, or returns None."
+            ) from error
+        if adapter is not None and not isinstance(adapter, NeuronAdapter):
+            raise PluginError(
+                f"a plugin's slr_neuron_adapter answered {adapter!r} for {where}; it must return an instance "
+                "of snn_localrules.NeuronAdapter bound to the module (MyAdapter(module)) or None."
+            )
         if adapter is not None:
             found.append(adapter)
         elif module is not model and not list(module.children()) and _looks_like_neuron(module):
@@ -167,6 +180,7 @@ def wrap(model: nn.Module, rule: str = "sltt", **options: Any):
             "(copy.deepcopy of a wrapped model); call slr.unwrap(copy) first, then wrap it."
         )
     learner = registry[rule](model, neurons, **options)  # validates options; touches nothing
+    learner.name = rule  # a subclass registered under its own name is that rule (messages, checkpoints)
     try:
         learner._install()
     except BaseException:

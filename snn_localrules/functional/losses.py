@@ -88,8 +88,16 @@ def resolve_step_loss(loss: Union[str, Callable, StepLoss], plugin_answer=None) 
         return StepLoss(NAMED_LOSSES[loss], loss)
     if plugin_answer is not None:
         answer = plugin_answer(loss)
-        if answer is not None:
+        if isinstance(answer, StepLoss):
             return answer
+        if answer is not None:
+            from ..errors import PluginError
+
+            raise PluginError(
+                f"a plugin's slr_step_loss answered {type(answer).__name__} for the loss "
+                f"{type(loss).__name__}; it must return a snn_localrules.functional.losses.StepLoss "
+                "(StepLoss(fn, name), fn(o_t, y) -> scalar) or None."
+            )
     if callable(loss):
         return StepLoss(loss, getattr(loss, "__name__", type(loss).__name__))
     raise LossError(f"loss must be a name or a callable (o_t, y) -> scalar, got {type(loss).__name__}.")

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .. import graphs
 from ..adapter import NeuronAdapter
-from ..errors import LossError, NonFiniteLossError, UnsupportedModelError, WrapError
+from ..errors import LossError, NonFiniteLossError, PluginError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss
 from ..functional.norm_recompute import NormSources, channel_dim, rebuild_input_from
 from ..functional.spike_pack import SpikePacker, others_on_top, pooled_window
@@ -123,8 +123,8 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
                 with rebuild_input_from(x, source, packer, recharge=recharge):
                     out = neuron.fused_sltt_multi_step(x)
                 if out is not None:
-                    if packer is not None:
-                        packer.register(out)  # a Heaviside's output: exactly 0/1, stored as bool when saved
+                    if packer is not None and neuron.fused_outputs_binary:
+                        packer.register(out)  # a Heaviside's output: exactly 0/1, stored in one byte when saved
                     return out
             return neuron.run_steps(x, neuron.detach_state)
         return neuron.own_forward(x, *args, **kwargs)
@@ -154,8 +154,13 @@ def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[
     found = plugin_manager().hook.slr_carried_state(model=model, neurons=neurons)
     for holder in [h for answer in found for h in (answer or ())]:
         module = getattr(holder, "module", None)
-        if isinstance(module, nn.Module):
-            hooks.pre_hook(module, _cut_carried_pre_hook(holder))
+        if not isinstance(module, nn.Module):
+            raise PluginError(
+                f"a plugin's slr_carried_state answered a {type(holder).__name__} without a 'module' attribute "
+                "naming the nn.Module that keeps the state; the learner cuts the state before each call of "
+                "that module. Give each answer a .module (a NeuronAdapter for the module has one)."
+            )
+        hooks.pre_hook(module, _cut_carried_pre_hook(holder))
 
 
 def _cut_carried_pre_hook(holder: Any) -> Callable:
