@@ -520,7 +520,7 @@ def run_worker(args) -> Dict[str, Any]:
         result.update(status=OK, peak_growth_mb=None if peak is None else (peak - baseline) / MB, times_s=times,
                       s_per_batch=statistics.median(times), losses=losses, warmup=args.warmup, timed=args.timed)
         if getattr(learner, "chunk", None) == "auto":
-            result["auto_chunk"] = learner.chunk_size
+            result["auto_chunk"] = min(learner.chunk_size, T)  # steps per backward in this run
         if getattr(learner, "graphs", None) is not None:
             result["cuda_graphs"] = {"captured": learner.graphs.captured, "off": learner.graphs.off}
         if args.profile:

@@ -70,6 +70,24 @@ def test_sltt_k_selects_and_matches_reference():
         torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-8)
 
 
+def test_sltt_k_without_a_seed_follows_torch_manual_seed_and_leaves_torchs_stream_alone():
+    def draws(torch_seed):
+        torch.manual_seed(torch_seed)
+        model = sj_mlp(step_mode="s")
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), K=2)
+        after_wrap = torch.rand(3)  # the user's own stream goes on as without the learner
+        torch.manual_seed(torch_seed)
+        sj_mlp(step_mode="s")
+        assert torch.equal(after_wrap, torch.rand(3))
+        x, y = torch.rand(8, 4, 12), torch.randint(0, 5, (4,))
+        steps = [learner.step(x, y).steps for _ in range(6)]
+        learner.unwrap()
+        return steps
+
+    assert draws(0) == draws(0)
+    assert draws(0) != draws(1)  # 6 batches of 2 of 8 steps: equal draws by chance have odds ~1e-9
+
+
 def test_sample_last():
     stats, _ = _online(sj_mlp(), torch.rand(6, 2, 12), torch.randint(0, 5, (2,)), K=2, sample="last")
     assert stats.steps == [4, 5]

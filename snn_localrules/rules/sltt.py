@@ -132,6 +132,12 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
     return forward
 
 
+def _own_seed(seed: int) -> int:
+    """A seed for the learner's generator derived from torch's, so that its draws are not the first numbers
+    of the user's own stream."""
+    return (seed ^ 0x736C74746B) % (2 ** 63)
+
+
 def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], fused: bool = False,
                          packer: Optional[SpikePacker] = None, norms: Optional[NormSources] = None,
                          recharge: bool = True) -> None:
@@ -216,7 +222,9 @@ class SLTT(Rule):
     :param K: SLTT-K: backpropagate only K distinct steps per batch (the others run forward under
         ``no_grad``; the loss is still divided by T). ``None``: all steps.
     :param sample: how SLTT-K picks its steps: ``"random"`` (as the authors' code) or ``"last"``.
-    :param seed: seed of the learner's own generator for SLTT-K's draws.
+    :param seed: seed of the learner's own generator for SLTT-K's draws; ``None``: derived from torch's
+        seed (``torch.manual_seed``) when the learner is built, so runs of different seeds draw different
+        steps.
     :param output: which element of a tuple model output the loss uses (index, or callable). Default 0
         (snnTorch's spikes), or -1 (the membrane, last in every snnTorch neuron's output) for snnTorch's
         membrane losses.
@@ -259,9 +267,12 @@ class SLTT(Rule):
         so the gradients are SLTT's for any ``c`` (with batch norm in a multi-step model, its statistics
         are over ``c*B`` samples, as in any multi-step call). ``1`` (default): one step per backward, the
         least memory. Larger ``c``: fewer, larger calls (faster on a GPU), ``c`` steps' activations held.
-        ``"auto"``: the largest ``c`` whose saved activations fit ``max_memory``, measured on the first
-        batch (the bytes autograd keeps for one step, with spikes as ``pack_spikes`` keeps them, times
-        ``c``; ``learner.step_bytes``) and kept from then on.
+        ``"auto"``: the largest ``c`` whose saved activations fit ``max_memory`` (``learner.chunk_size``;
+        a batch of T steps runs ``min(T, c)`` per backward), from the bytes autograd keeps for one step,
+        with spikes as ``pack_spikes`` keeps them (``learner.step_bytes``), measured once, before the first
+        batch, by a forward and backward of its first step that is then undone, so every batch, the first
+        too, trains as with ``chunk=c``. Measured at the first batch's size: a later, larger batch
+        holds proportionally more.
     :param max_memory: the budget of ``chunk="auto"``: bytes, or a fraction (0, 1] of the device's memory
         (the GPU's total memory on CUDA, the machine's physical memory on CPU) for the activations
         autograd saves for one chunk.
@@ -379,9 +390,9 @@ class SLTT(Rule):
         self.output = output if output is not None else self.step_loss.output_index
         self.multi_step = multi_step
         self.nograd_chunk = nograd_chunk
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        # seed=None follows the run's torch.manual_seed (without drawing from torch's generator, so the
+        # user's data order stays as it is): runs of different seeds draw different steps
+        self.generator = torch.Generator().manual_seed(seed if seed is not None else _own_seed(torch.initial_seed()))
         self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # the first batch fed one step per call counts neuron calls (a forward that loops over time itself)
         self._calls: Optional[NeuronCalls] = None
@@ -447,6 +458,8 @@ class SLTT(Rule):
         self._graphs_for(x_seq, no_sync)
         if not self._calls_checked and not sequence_model:
             self._calls = NeuronCalls(self.neurons, x_seq.shape[1])
+        if self.chunk_size is None:
+            self._measure_chunk(x_seq, y, T, sequence_model)
         self.reset_state()
         self.optimizer.zero_grad(set_to_none=True)
         model_params = list(self.model.parameters()) if self.graphs is not None else []
@@ -462,23 +475,18 @@ class SLTT(Rule):
                 if backprop:
                     a = start
                     while a < stop:
-                        measure = self.chunk_size is None  # chunk="auto": this first step is measured
-                        b = min(a + (1 if measure else self.chunk_size), stop)
+                        b = min(a + self.chunk_size, stop)
                         deferred = callable(no_sync) and b - 1 != last_backprop
-                        saved = self._saved_bytes(measure, x_seq)
                         body = functools.partial(self._backprop, T=T, first=a, sequence_model=sequence_model,
-                                                 saved=saved)
+                                                 saved=contextlib.nullcontext())
                         with no_sync() if deferred else contextlib.nullcontext():
-                            if self.graphs is not None and not measure:
+                            if self.graphs is not None:
                                 key = (T, self.model.training, sequence_model, self.autocast)
                                 outs, loss_c = self.graphs.run(body, x_seq[a:b], y, key, model_params)
                             else:
                                 outs, loss_c = body(x_seq[a:b], y)
                         finite.append(torch.isfinite(loss_c))  # checked once per batch: no sync per step
                         starts.append(a)
-                        if measure:
-                            self.step_bytes = saved.total
-                            self.chunk_size = self._auto_chunk(saved.total, x_seq)
                         total = loss_c.detach().clone() if total is None else total + loss_c.detach()
                         for out in outs:
                             counts = _accumulate(counts, out)
@@ -556,16 +564,41 @@ class SLTT(Rule):
             return self.chunk_size or 1  # the backpropagated steps' normalisation, not the device's choice
         return run if x_seq.device.type == "cuda" else 4
 
-    def _saved_bytes(self, measure: bool, x_seq: torch.Tensor):
-        if not measure:
-            return contextlib.nullcontext()
+    def _saved_bytes(self, x_seq: torch.Tensor) -> "SavedBytes":
         buffers = [b for b in self.model.buffers()]
         return SavedBytes(storage_keys([x_seq, *self.model.parameters(), *buffers]), packer=self.packer)
 
+    def _measure_chunk(self, x_seq: torch.Tensor, y: torch.Tensor, T: int, sequence_model: bool) -> None:
+        """``chunk="auto"``, first batch: the bytes autograd keeps for one step (``step_bytes``), measured
+        in a forward and backward of the batch's first step that is then undone (gradients, buffers such
+        as batch-norm statistics, neuron state, random state), so that the first batch, too, runs in
+        chunks of the size found: the same updates as ``chunk=`` that size."""
+        buffers = [(module, name, value, value.detach().clone()) for module in self.model.modules()
+                   for name, value in module._buffers.items() if value is not None]
+        cuda = x_seq.device.type == "cuda"
+        rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x_seq.device) if cuda else None)
+        self.reset_state()
+        saved = self._saved_bytes(x_seq)
+        try:
+            self._backprop(x_seq[:1], y, T=T, first=0, sequence_model=sequence_model, saved=saved)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for module, name, value, kept in buffers:
+                    module._buffers[name] = value
+                    value.copy_(kept)
+            torch.random.set_rng_state(rng[0])
+            if cuda:
+                torch.cuda.set_rng_state(rng[1], x_seq.device)
+            self.reset_state()
+        self.step_bytes = saved.total
+        self.chunk_size = self._auto_chunk(saved.total, x_seq)
+
     def _auto_chunk(self, step_bytes: int, x_seq: torch.Tensor) -> int:
-        """``chunk="auto"``: the most steps whose saved activations (``step_bytes`` each) fit the budget."""
+        """``chunk="auto"``: the most steps whose saved activations (``step_bytes`` each) fit the budget; a
+        batch runs ``min(T, chunk_size)`` steps per backward, so a short first batch does not cap later ones."""
         budget = memory_budget(self.max_memory, x_seq.device)
-        return max(1, min(x_seq.shape[0], int(budget // max(step_bytes, 1))))
+        return max(1, int(budget // max(step_bytes, 1)))
 
     @staticmethod
     def _check_finite(finite: List[torch.Tensor], starts: List[int], total: Optional[torch.Tensor]) -> None:
