@@ -508,3 +508,46 @@ def test_label_batch_separate_normalises_each_path_alone():
     with pytest.raises(slr.WrapError, match="label_batch"):
         slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4,
                  label_batch="both")
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_the_users_own_forward_of_a_tp_wrapped_model_is_the_plain_model(step_mode):
+    """A validation loop of the user's own (per-step calls then reset_net, or one multi-step call) runs the
+    model as it is, before and after step(): TP's trace hooks act only inside step() and predict()."""
+    model = _mlp(hidden=(16,), step_mode=step_mode)
+    plain = copy.deepcopy(model)
+    x, y = torch.rand(4, 6, 12) * 3, torch.tensor([0, 1, 2, 3, 0, 1])
+    x_val = torch.rand(4, 5, 12) * 3  # another batch size
+
+    def own_forward(net):
+        with torch.no_grad():
+            out = torch.stack([net(x_t) for x_t in x_val]) if step_mode == "s" else net(x_val)
+        functional.reset_net(net)
+        return out
+
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.Adam(model.parameters(), 1e-2), num_classes=4)
+    assert torch.equal(own_forward(model), own_forward(plain))
+    learner.step(x, y)
+    plain.load_state_dict(model.state_dict())
+    first = own_forward(model)
+    assert first.shape == (4, 5, 4) and torch.equal(first, own_forward(plain))
+    assert torch.equal(own_forward(model), first)  # nothing carried over from one call to the next
+    assert learner._traces == {}
+    learner.unwrap()
+
+
+def test_a_deep_copy_of_a_tp_learner_trains_its_own_model():
+    model = _mlp(hidden=(16,))
+    x, y = torch.rand(3, 6, 12) * 3, torch.tensor([0, 1, 2, 3, 0, 1])
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.Adam(model.parameters(), 1e-2), num_classes=4)
+    learner.step(x, y)
+    fork = copy.deepcopy(learner)
+    before = snapshot(model)
+    fork_stats = fork.step(x, y)
+    assert_same_snapshot(before, snapshot(model))  # the original is untouched
+    stats = learner.step(x, y)  # and the same step on the original gives the same result
+    assert fork_stats.loss == stats.loss
+    for a, b in zip(model.parameters(), fork.model.parameters()):
+        assert torch.equal(a, b)
+    learner.unwrap()
+    fork.unwrap()

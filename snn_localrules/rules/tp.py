@@ -9,6 +9,8 @@ the last hidden layer's trace and is trained by its own cross-entropy.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
@@ -73,6 +75,53 @@ class TPStats:
 
     def correct(self, y: torch.Tensor) -> int:
         return int((self.prediction == y.to(self.prediction.device)).sum())
+
+
+#: the TP learner whose step() or predict() is running: its output hooks act only then, and on its own
+#: neurons, so the user's own forward of a wrapped model (a validation loop) and a deep copy of the model
+#: run as the plain model, and a deep copy of the learner drives its own copy
+_DRIVING: "contextvars.ContextVar[Optional[TP]]" = contextvars.ContextVar("slr_tp_driving", default=None)
+
+
+@contextlib.contextmanager
+def _driving(learner: "TP"):
+    token = _DRIVING.set(learner)
+    try:
+        yield
+    finally:
+        _DRIVING.reset(token)
+
+
+def _output_hook(index: int):
+    """A neuron's forward hook for TP: its trace, and what it passes on (detached spikes; the last hidden
+    layer's trace to the readout)."""
+    def hook(module: nn.Module, args: tuple, output: Any):
+        learner = _DRIVING.get()  # the learner whose step() or predict() runs now (a deep copy's own)
+        if learner is None or learner.neurons[index].module is not module:
+            return None  # the user's own forward (a validation loop, a copy of the model): the plain model
+        if learner._order is None:
+            learner._seen.append(index)
+        spikes = output[0] if isinstance(output, (tuple, list)) else output
+        # this neuron's own step mode: a single-step neuron inside a multi-step container (a recurrent
+        # one) sees [B, ...] although the model is fed [1, B, ...]
+        time_dim = learner.neurons[index].multi_step
+        step_spikes = spikes[0] if time_dim else spikes
+        if learner._is_readout_neuron(index):
+            return None  # its spikes reach the model's output with their graph: the readout loss's
+        traces = learner._label_traces if learner._label_pass else learner._traces
+        # traces are kept in float32 whatever the forward's precision: beta * eps in bfloat16 loses
+        # the small contributions of old spikes
+        trace = update_trace(traces.get(index), _at_least_float32(step_spikes), learner.trace_decay)
+        traces[index] = trace
+        passed = trace.to(step_spikes.dtype) if learner._is_last_hidden(index) else step_spikes
+        passed = passed.detach()
+        if time_dim:
+            passed = passed.unsqueeze(0)
+        if isinstance(output, (tuple, list)):
+            return type(output)([passed, *output[1:]])
+        return passed
+
+    return hook
 
 
 def _last_leaf(module: nn.Module, stop_at: set) -> Optional[nn.Module]:
@@ -250,33 +299,7 @@ class TP(Rule):
         install_carried_cut(hooks, self.model, self.neurons)
         for index, neuron in enumerate(self.neurons):
             if neuron.is_layer:
-                hooks.forward_hook(neuron.module, self._make_output_hook(index))
-
-    def _make_output_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, output: Any):
-            if self._order is None:
-                self._seen.append(index)
-            spikes = output[0] if isinstance(output, (tuple, list)) else output
-            # this neuron's own step mode: a single-step neuron inside a multi-step container (a recurrent
-            # one) sees [B, ...] although the model is fed [1, B, ...]
-            time_dim = self.neurons[index].multi_step
-            step_spikes = spikes[0] if time_dim else spikes
-            if self._is_readout_neuron(index):
-                return None  # its spikes reach the model's output with their graph: the readout loss's
-            traces = self._label_traces if self._label_pass else self._traces
-            # traces are kept in float32 whatever the forward's precision: beta * eps in bfloat16 loses
-            # the small contributions of old spikes
-            trace = update_trace(traces.get(index), _at_least_float32(step_spikes), self.trace_decay)
-            traces[index] = trace
-            passed = trace.to(step_spikes.dtype) if self._is_last_hidden(index) else step_spikes
-            passed = passed.detach()
-            if time_dim:
-                passed = passed.unsqueeze(0)
-            if isinstance(output, (tuple, list)):
-                return type(output)([passed, *output[1:]])
-            return passed
-
-        return hook
+                hooks.forward_hook(neuron.module, _output_hook(index))
 
     def _is_readout_neuron(self, index: int) -> bool:
         return self.neuron_output and self._order is not None and index == self._order[-1]
@@ -352,6 +375,11 @@ class TP(Rule):
                 "learns). Mix classes in every batch (a shuffled loader), or freeze the hidden layers.",
                 RuntimeWarning, stacklevel=3,
             )
+        with _driving(self):
+            return self._step(x_seq, y, T, B, sequence_model, group, contrast)
+
+    def _step(self, x_seq: torch.Tensor, y: torch.Tensor, T: int, B: int, sequence_model: bool, group: Any,
+              contrast: Optional["_GlobalContrast"]) -> TPStats:
         self.reset_state()
         layer_sums: Dict[int, float] = {}
         readout_sum = 0.0
@@ -531,9 +559,13 @@ class TP(Rule):
         self._check_wrapped()
         check_sequence_batch(x_seq)
         sequence_model = self._sequence_model()
-        if self._order is None:
-            self._learn_layer_order(x_seq[0], sequence_model)
-        self.reset_state()
+        with _driving(self):
+            if self._order is None:
+                self._learn_layer_order(x_seq[0], sequence_model)
+            self.reset_state()
+            return self._predict(x_seq, sequence_model)
+
+    def _predict(self, x_seq: torch.Tensor, sequence_model: bool) -> torch.Tensor:
         counts = None
         try:
             # one step per call: the trace hooks advance one step at a time
