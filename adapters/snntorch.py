@@ -2,7 +2,8 @@
 
 A neuron is a ``snntorch.SpikingNeuron`` whose ``forward(input_, <state>...)`` names its carried state
 after its buffers (``Leaky``: ``mem``; ``Synaptic``: ``syn, mem``; ``RLeaky``: ``spk, mem``; ``RSynaptic``;
-``Alpha``: ``syn_exc, syn_inh, mem``; ``Lapicque``; ``SLSTM``, ``SConv2dLSTM``: ``syn, mem``). With
+``Lapicque``; ``SLSTM``, ``SConv2dLSTM``: ``syn, mem``; ``Alpha`` is refused: its input reaches its spikes
+only through carried state). With
 ``init_hidden=True`` the state lives in the module; with ``init_hidden=False`` the user's ``forward``
 passes it in and out, and the adapter cuts it on the way in. Resetting touches only the model's own
 neurons, not every instance as ``snntorch.utils.reset`` does.
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from snn_localrules.adapter import NeuronAdapter, NeuronInfo
-from snn_localrules.errors import LossError
+from snn_localrules.errors import LossError, UnsupportedModelError
 from snn_localrules.functional.losses import StepLoss
 from snn_localrules.hookspecs import hookimpl
 
@@ -86,11 +87,27 @@ class SnnTorchNeuron(NeuronAdapter):
         return args, kwargs
 
 
+def _no_path_within_a_step(module: nn.Module) -> bool:
+    """``Alpha``: its input is added to ``syn_exc`` and subtracted from ``syn_inh``, and ``mem`` is their
+    sum, so the input of a step cancels out of that step's membrane and reaches the spikes only through the
+    carried state: with that state cut (SLTT, TP) no gradient passes the neuron at all."""
+    alpha = getattr(sys.modules.get("snntorch"), "Alpha", None)
+    return isinstance(alpha, type) and isinstance(module, alpha)
+
+
 @hookimpl
 def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
     neurons = sys.modules.get(_NEURON_BASE)
     if neurons is None or not isinstance(module, neurons.SpikingNeuron):
         return None
+    if _no_path_within_a_step(module):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (snntorch) passes its input to its spikes only through the state it "
+            "carries from one step to the next (the input enters syn_exc and syn_inh with opposite signs and "
+            "cancels in that step's mem), so cutting that state at every step, which SLTT and TP do, leaves no "
+            "gradient for any layer before it: training would silently change nothing there. Use Synaptic "
+            "(two-state, input within the step) or Leaky, or train this model with plain BPTT."
+        )
     adapter = SnnTorchNeuron(module)
     return adapter if adapter.state_names else None
 
@@ -122,7 +139,7 @@ def slr_neuron_types() -> List[NeuronInfo]:
     except ImportError:
         return []
     found = []
-    for name in ("Leaky", "Synaptic", "RLeaky", "RSynaptic", "Alpha", "Lapicque", "SLSTM", "SConv2dLSTM"):
+    for name in ("Leaky", "Synaptic", "RLeaky", "RSynaptic", "Lapicque", "SLSTM", "SConv2dLSTM"):
         cls = getattr(snntorch, name, None)
         if cls is not None:
             state = ", ".join(_state_names(cls))

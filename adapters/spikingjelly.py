@@ -135,6 +135,13 @@ def _is_neuron(module: nn.Module, base) -> bool:
     return isinstance(module, base.MemoryModule) and isinstance(memories, dict) and "v" in memories
 
 
+def _input_only_through_state(cls: type) -> bool:
+    """``RAFNode`` (resonate-and-fire): the input enters ``u``, and the firing component ``v`` sees ``u``
+    of the previous step only, so with the carried state cut (SLTT, TP) no gradient passes the neuron."""
+    raf = getattr(sys.modules.get("spikingjelly.activation_based.neuron"), "RAFNode", None)
+    return isinstance(raf, type) and issubclass(cls, raf)
+
+
 def _is_recurrent_container(module: nn.Module, base) -> bool:
     # layer.LinearRecurrentContainer / ElementWiseRecurrentContainer: they feed their last output y
     # back into the wrapped neuron, a temporal route that SLTT cuts like a membrane
@@ -486,6 +493,14 @@ def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
         )
     base = _base_module()
     if base is not None:
+        if _input_only_through_state(type(module)):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (spikingjelly) passes its input to its spikes only through the state "
+                "it carries from one step to the next (the input enters u; v, which fires, sees u of the "
+                "previous step), so cutting that state at every step, which SLTT and TP do, leaves no gradient "
+                "for any layer before it. Use a neuron whose input charges v within the step (LIFNode, "
+                "IzhikevichNode, ...; slr.neurons() lists them), or train this model with plain BPTT."
+            )
         if _is_neuron(module, base) and _steps_alone(type(module), base):
             return SpikingJellyNeuron(module)
         if _is_recurrent_container(module, base):
@@ -543,7 +558,7 @@ def _neuron_classes(neuron_module: Any, base: Any) -> List[tuple]:
             probe = cls()
         except Exception:
             continue
-        if _is_neuron(probe, base):
+        if _is_neuron(probe, base) and not _input_only_through_state(cls):
             found.append((name, cls))
     return found
 

@@ -251,7 +251,37 @@ def _snn_layer(name, **extra):
     return getattr(snn, name)(**kwargs, **extra)
 
 
-SNN_NAMES = ["Leaky", "Synaptic", "RLeaky", "RSynaptic", "Alpha", "Lapicque"]
+SNN_NAMES = ["Leaky", "Synaptic", "RLeaky", "RSynaptic", "Lapicque"]
+
+
+@pytest.mark.parametrize("framework", ["snntorch", "spikingjelly"])
+def test_neurons_whose_input_reaches_the_spikes_only_through_carried_state_are_refused(framework):
+    """snnTorch Alpha and SpikingJelly RAFNode: with the carried state cut, no gradient passes them (their
+    BPTT gradient is not zero; SLTT's would be, silently)."""
+    if framework == "snntorch":
+        layer_ = _snn_layer("Alpha", init_hidden=True)
+        name = "Alpha"
+    else:
+        sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+        if not hasattr(sj_neuron, "RAFNode"):
+            pytest.skip("this SpikingJelly has no RAFNode")
+        layer_, name = sj_neuron.RAFNode(), "RAFNode"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), layer_, nn.Linear(16, 5))
+    x = torch.rand(T, B, 12) * 4
+    out = sum((o[0] if isinstance(o, tuple) else o) for o in (model(x_t) for x_t in x))
+    out.sum().backward()
+    assert model[0].weight.grad.abs().sum() > 0  # BPTT reaches the first layer
+    model.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for options in ({}, dict(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))):
+        with pytest.raises(slr.UnsupportedModelError, match=rf"module '1': {name} \({framework}\) passes its input "
+                                                            r"to its spikes only through the state.*plain BPTT"):
+            slr.wrap(model, rule="sltt", **options)
+    with pytest.raises(slr.UnsupportedModelError, match=name):
+        slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert name not in {n.name for n in slr.neurons() if n.framework == framework}
 
 
 @pytest.mark.parametrize("name", SNN_NAMES)
