@@ -539,6 +539,22 @@ def slr_reset_model(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
 
 
 @hookimpl
+def slr_takes_sequences(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> Optional[bool]:
+    # activation_based: its multi-step-only modules (MultiStepContainer, SeqToANNContainer, the
+    # threshold-dependent and temporal-effective batch norms, ...) derive from base.MultiStepModule;
+    # clock_driven (0.0.0.0.14): layer.MultiStepContainer, SeqToANNContainer and the MultiStep* layers
+    base = _base_module()
+    legacy_layer = _LEGACY_BASE.rsplit(".", 1)[0] + ".layer"
+    for module in model.modules():
+        if base is not None and isinstance(module, base.MultiStepModule):
+            return True
+        cls = type(module)
+        if cls.__module__ == legacy_layer and (cls.__name__.startswith("MultiStep") or cls.__name__ == "SeqToANNContainer"):
+            return True
+    return None
+
+
+@hookimpl
 def slr_carried_state(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> List[NeuronAdapter]:
     # their memories live in the same _memories dict as a neuron's: the neuron adapter reads and writes it
     return [SpikingJellyNeuron(m) for m in _other_memory_modules(model, neurons)

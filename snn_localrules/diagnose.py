@@ -305,7 +305,8 @@ def diagnose(
     step_loss = resolve_step_loss(loss, plugin_answer=lambda obj: plugin_manager().hook.slr_step_loss(loss=obj))
     choice = output if output is not None else step_loss.output_index
     owns_loop = any(n.explicit_state for n in neurons)
-    sequence_model = multi_step if multi_step is not None else owns_loop or any(n.multi_step for n in neurons)
+    sequence_model = multi_step if multi_step is not None else owns_loop or any(n.multi_step for n in neurons) \
+        or bool(plugin_manager().hook.slr_takes_sequences(model=model, neurons=neurons))
 
     # each trainable parameter belongs to the first module (in model order) that holds it
     groups: List[Tuple[str, nn.Module, List[torch.Tensor]]] = []

@@ -73,6 +73,22 @@ def slr_carried_state(model: nn.Module, neurons: Sequence["NeuronAdapter"]) -> S
     """
 
 
+@hookspec(firstresult=True)
+def slr_takes_sequences(model: nn.Module, neurons: Sequence["NeuronAdapter"]) -> Optional[bool]:
+    """Does ``model`` take a whole ``[T, B, ...]`` sequence per call although none of its neurons runs
+    multi-step? (Single-step neurons inside a container that loops over time: SpikingJelly's
+    ``MultiStepContainer``, ``SeqToANNContainer``.) Online learners then feed it ``[c, B, ...]`` chunks
+    instead of one step ``[B, ...]`` per call; the user's ``multi_step=`` overrides the answer.
+
+    Asked once per learner, the first time it needs to know.
+
+    :param model: the wrapped model.
+    :param neurons: the adapters found at wrap time.
+    :return: True when a module of this plugin's framework in ``model`` only takes sequences; None when
+        this plugin sees none.
+    """
+
+
 @hookspec
 def slr_neuron_types() -> Sequence["NeuronInfo"]:
     """List the neuron classes this plugin supports, for :func:`snn_localrules.neurons`.

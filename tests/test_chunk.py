@@ -302,10 +302,11 @@ def _nograd_call_lengths(device, model=None, **kwargs):
     learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                        K=2, sample="last", **kwargs)
     lengths = []
-    handle = model.register_forward_pre_hook(
-        lambda m, args: lengths.append(args[0].shape[0]) if not torch.is_grad_enabled() else None)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(12, B, 12, generator=g).to(device), torch.randint(0, 5, (B,), generator=g).to(device)
+    learner.step(x, y)  # the first batch also asks the model, once, whether it reduces its output over time
+    handle = model.register_forward_pre_hook(
+        lambda m, args: lengths.append(args[0].shape[0]) if not torch.is_grad_enabled() else None)
     learner.step(x, y)  # steps 0..9 forward only, 10 and 11 backpropagated
     handle.remove()
     return lengths

@@ -597,26 +597,36 @@ def test_sltt_fixed_T_mismatch():
     assert_unchanged(before, model, opt, learner)
 
 
-def test_sltt_multi_step_model_reducing_time():
-    class MeanOverTime(nn.Module):
+def test_sltt_multi_step_model_with_an_output_that_is_not_per_step():
+    class SumOverBatch(nn.Module):
+        """Returns [T, C]: the batch dimension summed away (a model that returns a rate over time, [B, C],
+        is called one step at a time and trains: tests/test_online.py)."""
+
         def __init__(self, net):
             super().__init__()
             self.net = net
 
         def forward(self, x_seq):
-            return self.net(x_seq).mean(0)
+            return self.net(x_seq).sum(1)
 
-    # one step per call is fine (a mean over one step is that step); SLTT-K's forward-only steps asked to
-    # run as multi-step chunks (nograd_chunk; with batch norm the default is one step) give a time-reduced
-    # output that cannot be split into steps
     net = make_model(step_mode="m")
     net[1] = layer.SeqToANNContainer(nn.BatchNorm1d(16))  # SpikingJelly 0.0.0.0.14's takes only [T, N, C, L]
-    model = MeanOverTime(net)
-    model, opt, learner = make_learner("sltt", model=model, warm=True)
-    learner.K, learner.sample, learner.nograd_chunk = 1, "last", 4
+    model = SumOverBatch(net)
+    model, opt, learner = make_learner("sltt", model=model, warm=False)
     before = state(model, opt, learner)
-    with pytest.raises(slr.LayoutError, match=r"per-step outputs \[T, B, \.\.\.\]"):
+    with pytest.raises(slr.LayoutError, match=r"returned shape \(1, 5\).*per-step outputs \[T, B, \.\.\.\]"):
         learner.step(*batch(size=7))
+    assert_unchanged(before, model, opt, learner)
+
+
+def test_a_single_step_model_given_a_batch_without_time_is_told_so():
+    model = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0, v_threshold=0.3), layer.Linear(16, C))
+    model, opt, learner = make_learner("sltt", model=model)
+    before = state(model, opt, learner)
+    static, y = torch.rand(12, 12), torch.randint(0, C, (12,))  # [B, features], B == features: y fits
+    for call in (lambda: learner.step(static, y), lambda: learner.predict(torch.rand(32, 12))):
+        with pytest.raises(slr.LayoutError, match=r"one time step x_seq\[t\] has shape \(12,\).*time-first"):
+            call()
     assert_unchanged(before, model, opt, learner)
 
 

@@ -88,6 +88,71 @@ def test_sltt_k_without_a_seed_follows_torch_manual_seed_and_leaves_torchs_strea
     assert draws(0) != draws(1)  # 6 batches of 2 of 8 steps: equal draws by chance have odds ~1e-9
 
 
+class _Rate(nn.Module):
+    """A multi-step model whose forward returns the firing rate over time (as Spikformer's does), or, with
+    ``reduce=False``, the output sequence."""
+
+    def __init__(self, reduce):
+        super().__init__()
+        self.body, self.reduce = sj_mlp(step_mode="m"), reduce
+
+    def forward(self, x):
+        out = self.body(x)
+        return out.mean(0) if self.reduce else out
+
+
+@pytest.mark.parametrize("options", [dict(K=3, seed=2), dict(chunk=3), dict(chunk=2, K=5, seed=1)])
+def test_a_model_that_returns_its_rate_trains_and_predicts_as_its_per_step_twin(options):
+    x = [torch.rand(6, 4, 12) * 2 for _ in range(2)]
+    y = [torch.randint(0, 5, (4,)) for _ in range(2)]
+    runs = []
+    for reduce in (True, False):
+        torch.manual_seed(0)
+        model = _Rate(reduce)
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), **options)
+        first_predict = learner.predict(x[0])  # before any step: the layout is learned here
+        stats = [learner.step(x_b, y_b) for x_b, y_b in zip(x, y)]
+        runs.append((first_predict, learner.predict(x[1]), stats, [p.detach().clone() for p in model.parameters()]))
+        learner.unwrap()
+    (p0, p1, s_rate, w_rate), (q0, q1, s_seq, w_seq) = runs
+    assert torch.equal(p0, q0) and torch.equal(p1, q1)
+    assert [s.steps for s in s_rate] == [s.steps for s in s_seq]
+    for a, b in zip(s_rate, s_seq):
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
+    for a, b in zip(w_rate, w_seq):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_single_step_neurons_in_multi_step_containers_train_online_as_multi_step_neurons(chunk):
+    """SpikingJelly's MultiStepContainer around single-step neurons (with SeqToANNContainer around the
+    rest) makes a model that takes [T, B, ...]: the online learner feeds it chunks without multi_step=True,
+    with the same update as the same network in step_mode='m'."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    twin = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1), layer.BatchNorm2d(4), neuron.LIFNode(tau=2.0),
+                         layer.Flatten(), layer.Linear(4 * 6 * 6, 5), neuron.LIFNode(tau=2.0))
+    functional.set_step_mode(twin, "m")
+    model = nn.Sequential(
+        layer.SeqToANNContainer(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)),
+        layer.MultiStepContainer(neuron.LIFNode(tau=2.0)),
+        layer.SeqToANNContainer(nn.Flatten(), nn.Linear(4 * 6 * 6, 5)),
+        layer.MultiStepContainer(neuron.LIFNode(tau=2.0)),
+    )
+    pairs = [(model[0][0], twin[0]), (model[0][1], twin[1]), (model[2][1], twin[4])]
+    for a, b in pairs:
+        a.load_state_dict(b.state_dict())
+    x, y = torch.rand(6, 3, 2, 6, 6) * 2, torch.randint(0, 5, (3,))
+    for net in (twin, model):
+        learner = slr.wrap(net, rule="sltt", optimizer=torch.optim.SGD(net.parameters(), lr=0.0), chunk=chunk)
+        learner.step(x, y)
+        learner.unwrap()
+    for a, b in pairs:
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a.bias.grad, b.bias.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_sample_last():
     stats, _ = _online(sj_mlp(), torch.rand(6, 2, 12), torch.randint(0, 5, (2,)), K=2, sample="last")
     assert stats.steps == [4, 5]
@@ -197,26 +262,11 @@ def test_output_choice():
     learner.unwrap()
 
 
-def test_multistep_model_keeps_its_step_mode_and_reduced_output_is_explained():
+def test_multistep_model_keeps_its_step_mode():
     model = sj_conv("m")
     modes = [getattr(m, "step_mode", None) for m in model.modules()]
     stats, _ = _online(model, (torch.rand(4, 2, 2, 8, 8) < 0.3).float(), torch.randint(0, 5, (2,)))
     assert [getattr(m, "step_mode", None) for m in model.modules()] == modes
-
-    class MeanOverTime(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = sj_conv("m")
-
-        def forward(self, x_seq):
-            return self.net(x_seq).mean(0)
-
-    model = MeanOverTime()
-    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), K=1, seed=0,
-                       nograd_chunk=4)  # forward-only calls of several steps (one step's mean is that step)
-    with pytest.raises(slr.LayoutError, match="per-step outputs"):
-        learner.step((torch.rand(4, 2, 2, 8, 8) < 0.3).float(), torch.randint(0, 5, (2,)))
-    learner.unwrap()
 
 
 def test_learner_state_dict_round_trip():

@@ -258,6 +258,24 @@ def test_multi_step_online_sltt_gradients(kind):
     learner.unwrap()
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_single_step_neurons_in_a_multi_step_container_train_online_as_multi_step_neurons(chunk):
+    """clock_driven.layer.MultiStepContainer around single-step neurons makes a model that takes [T, B, ...]:
+    the online learner feeds it chunks (no multi_step=True needed), with the same update as the same
+    network built from MultiStep* neurons."""
+    torch.manual_seed(0)
+    twin = _conv(MULTI_STEP["LIF_detach_reset"])
+    model = _conv(lambda: layer.MultiStepContainer(neuron.LIFNode(tau=2.0, detach_reset=True)))
+    model.load_state_dict(twin.state_dict())
+    x, y = _data(shape=(2, 5, 5))
+    for net in (twin, model):
+        learner = slr.wrap(net, rule="sltt", optimizer=torch.optim.SGD(net.parameters(), lr=0.0), chunk=chunk)
+        learner.step(x, y)
+        learner.unwrap()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_single_step_online_sltt_gradients():
     model = _mlp(SINGLE_STEP["PLIF"])
     x, y = _data()

@@ -34,11 +34,31 @@ class Rule:
     #: the name the rule is registered under
     name: str = ""
 
+    #: online rules: ``True``/``False`` forces how the model is fed (``multi_step=``); ``None``: found out
+    multi_step: Optional[bool] = None
+
     def __init__(self, model: nn.Module, neurons: Sequence[NeuronAdapter]):
         self.model = model
         self.neurons: List[NeuronAdapter] = list(neurons)
         self._hooks = ModuleHooks()
         self._wrapped = False
+        self._takes_sequences: Optional[bool] = None
+
+    def _sequence_model(self) -> bool:
+        """Whether the model is fed ``[c, B, ...]`` per call (a multi-step model) rather than one step
+        ``[B, ...]``: ``multi_step=`` if given, else whether a neuron runs multi-step now or a plugin
+        says the model takes sequences (single-step neurons inside SpikingJelly's ``MultiStepContainer``)."""
+        if self.multi_step is not None:
+            return self.multi_step
+        if any(n.multi_step for n in self.neurons):
+            return True
+        return self._model_takes_sequences()
+
+    def _model_takes_sequences(self) -> bool:
+        if self._takes_sequences is None:  # the model's structure: asked once
+            answer = plugin_manager().hook.slr_takes_sequences(model=self.model, neurons=self.neurons)
+            self._takes_sequences = bool(answer)
+        return self._takes_sequences
 
     # -- install / remove ------------------------------------------------------------------------
     def install(self, hooks: ModuleHooks) -> None:
@@ -347,25 +367,52 @@ def choose_output(output: Any, choice: OutputChoice) -> torch.Tensor:
 
 
 def run_in_time(
-    model: nn.Module, chunk: torch.Tensor, sequence_model: bool, choice: OutputChoice
+    model: nn.Module, chunk: torch.Tensor, sequence_model: bool, choice: OutputChoice,
+    one_call_per_step: bool = False,
 ) -> List[torch.Tensor]:
     """Run ``model`` over ``chunk`` ``[c, B, ...]`` and return the ``c`` per-step outputs ``[B, ...]``.
 
-    A sequence (multi-step) model gets the chunk in one call; a single-step model gets one call per step.
-    Neuron state carries over between calls, as in the user's own loop.
+    A sequence (multi-step) model gets the chunk in one call, or with ``one_call_per_step`` (a model whose
+    forward reduces its output over time, :func:`reduces_time`) one ``[1, B, ...]`` call per step; a
+    single-step model gets one call per step. Neuron state carries over between calls, as in the user's
+    own loop.
     """
     if not sequence_model:
-        return [choose_output(model(x), choice) for x in chunk]
-    out = choose_output(model(chunk), choice)
-    steps, batch = chunk.shape[0], chunk.shape[1]
+        return [_one_step(choose_output(model(x), choice), x) for x in chunk]
+    if one_call_per_step:
+        return [_per_step(choose_output(model(chunk[t : t + 1]), choice), 1, chunk.shape[1])[0]
+                for t in range(chunk.shape[0])]
+    return _per_step(choose_output(model(chunk), choice), chunk.shape[0], chunk.shape[1])
+
+
+def _one_step(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A single-step model's output for one step ``x`` ``[B, ...]``: it must keep the batch dimension."""
+    if out.dim() == 0 or out.shape[0] != x.shape[0]:
+        raise LayoutError(
+            f"one time step x_seq[t] has shape {tuple(x.shape)}, and the model's output for it {tuple(out.shape)}: "
+            f"it should keep the batch dimension, [{x.shape[0]}, ...]. x_seq must be time-first [T, B, ...]; a "
+            "batch without the time dimension, [B, features], is taken for B steps of one sample without its "
+            "batch dimension. Add the time dimension (for a static input, x.unsqueeze(0).repeat(T, 1, ...))."
+        )
+    return out
+
+
+def reduces_time(out: torch.Tensor, batch: int) -> bool:
+    """Whether a multi-step model's output ``out`` for a one-step input ``[1, B, ...]`` has lost the time
+    dimension (its forward returns a rate, ``.mean(0)``, as Spikformer's does): ``[B, ...]``, not
+    ``[1, B, ...]``."""
+    return not (out.dim() >= 2 and out.shape[0] == 1 and out.shape[1] == batch) and out.shape[0] == batch
+
+
+def _per_step(out: torch.Tensor, steps: int, batch: int) -> List[torch.Tensor]:
     if out.dim() >= 2 and out.shape[0] == steps and out.shape[1] == batch:
         return list(out.unbind(0))
     if steps == 1 and out.shape[0] == batch:
-        return [out]  # the model already reduced its output over time
+        return [out]  # the model reduced its output over time: over one step, that step's output
     raise LayoutError(
         f"a multi-step model given [T={steps}, B={batch}, ...] returned shape {tuple(out.shape)}; "
-        "snn-localrules needs per-step outputs [T, B, ...]. Return the output sequence from forward "
-        "(not its mean over time), or use zero-change mode."
+        "snn-localrules needs per-step outputs [T, B, ...] (or, from a forward that reduces its output over "
+        "time, [B, ...] for a one-step input). Return the output sequence from forward, or use zero-change mode."
     )
 
 

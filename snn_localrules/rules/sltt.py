@@ -36,9 +36,11 @@ from .base import (
     check_clip_grad_norm,
     check_precision,
     check_sequence_batch,
+    choose_output,
     contiguous_runs,
     guarded_step,
     optimizer_step,
+    reduces_time,
     run_in_time,
 )
 
@@ -332,8 +334,9 @@ class SLTT(Rule):
                 raise WrapError(
                     "online mode runs the time loop itself, but this model's forward owns the time loop: "
                     f"its neurons ({', '.join(explicit)}) get their state passed in by the user's code "
-                    "(snnTorch init_hidden=False). Use zero-change mode, slr.wrap(model, rule='sltt') without "
-                    "an optimizer, and keep your own loop; or build the neurons with init_hidden=True."
+                    "(as snnTorch's with init_hidden=False). Use zero-change mode, slr.wrap(model, rule='sltt') "
+                    "without an optimizer, and keep your own loop; or let the neurons keep their state "
+                    "(snnTorch: init_hidden=True)."
                 )
         elif K is not None:
             raise WrapError(
@@ -397,6 +400,8 @@ class SLTT(Rule):
         # the first batch fed one step per call counts neuron calls (a forward that loops over time itself)
         self._calls: Optional[NeuronCalls] = None
         self._calls_checked = False
+        #: a multi-step model whose forward reduces its output over time: None until the first batch
+        self._reduces_time: Optional[bool] = None
 
     def install(self, hooks: ModuleHooks) -> None:
         # a model that is itself one neuron has nothing downstream that saves its spikes
@@ -418,11 +423,6 @@ class SLTT(Rule):
         self.packer = packer
 
     # -- online driver ---------------------------------------------------------------------------
-    def _sequence_model(self) -> bool:
-        if self.multi_step is not None:
-            return self.multi_step
-        return any(n.multi_step for n in self.neurons)
-
     def select_steps(self, T: int) -> List[int]:
         """The steps backpropagated in a batch of T steps (all, or SLTT-K's K)."""
         if self.K is None:
@@ -458,6 +458,7 @@ class SLTT(Rule):
         self._graphs_for(x_seq, no_sync)
         if not self._calls_checked and not sequence_model:
             self._calls = NeuronCalls(self.neurons, x_seq.shape[1])
+        self._learn_time_layout(x_seq, sequence_model)
         if self.chunk_size is None:
             self._measure_chunk(x_seq, y, T, sequence_model)
         self.reset_state()
@@ -533,7 +534,7 @@ class SLTT(Rule):
     def _run(self, x: torch.Tensor, sequence_model: bool) -> List[torch.Tensor]:
         """``run_in_time`` of the model over ``x`` ``[c, B, ...]``; on the first batch of a model fed one
         step per call, first check that no neuron ran more often than the model (before any backward)."""
-        outs = run_in_time(self.model, x, sequence_model, self.output)
+        outs = run_in_time(self.model, x, sequence_model, self.output, one_call_per_step=bool(self._reduces_time))
         if self._calls is not None:
             calls, self._calls = self._calls, None
             calls.remove()
@@ -651,12 +652,36 @@ class SLTT(Rule):
         before and after. Runs in whatever train/eval mode the model is in."""
         self._check_wrapped()
         check_sequence_batch(x_seq, None, self.T)
+        sequence_model = self._sequence_model()
+        self._learn_time_layout(x_seq, sequence_model)
         self.reset_state()
         try:
-            outs = run_in_time(self.model, x_seq, self._sequence_model(), self.output)
+            outs = run_in_time(self.model, x_seq, sequence_model, self.output,
+                               one_call_per_step=bool(self._reduces_time))
         finally:
             self.reset_state()
         return torch.stack(outs).sum(0).argmax(-1)
+
+    @torch.no_grad()
+    def _learn_time_layout(self, x_seq: torch.Tensor, sequence_model: bool) -> None:
+        """Once, for a multi-step model: whether its forward reduces the output over time (returns a rate,
+        as Spikformer's ``head(x.mean(0))``), from one call on the first step in eval mode (no batch-norm
+        statistic or dropout draw spent), the neurons reset after. Such a model is then called one step
+        at a time wherever a learner needs per-step outputs (chunks, SLTT-K's forward-only steps, predict)."""
+        if not sequence_model or self._reduces_time is not None:
+            return
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        self.reset_state()
+        try:
+            out = choose_output(self.model(x_seq[:1]), self.output)
+        except Exception:
+            out = None  # a model that cannot take one step per call: the step itself says what is wrong
+        finally:
+            for module, training in modes:
+                module.training = training
+            self.reset_state()
+        self._reduces_time = out is not None and reduces_time(out, x_seq.shape[1])
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

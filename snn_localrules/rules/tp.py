@@ -247,7 +247,8 @@ class TP(Rule):
         if explicit:
             raise WrapError(
                 f"rule='tp' runs the time loop itself, but the state of {', '.join(explicit)} is passed in by "
-                "the model's own forward (snnTorch init_hidden=False); build the neurons with init_hidden=True."
+                "the model's own forward (as snnTorch's with init_hidden=False); let the neurons keep their "
+                "state (snnTorch: init_hidden=True)."
             )
         self.optimizer = optimizer
         self.num_classes = num_classes
@@ -309,11 +310,6 @@ class TP(Rule):
             return False
         hidden = self._order[:-1] if self.neuron_output else self._order
         return bool(hidden) and index == hidden[-1]
-
-    def _sequence_model(self) -> bool:
-        if self.multi_step is not None:
-            return self.multi_step
-        return any(n.multi_step for n in self.neurons)
 
     # -- label path ------------------------------------------------------------------------------
     def _label_inputs(self, x_step: torch.Tensor, y: torch.Tensor, x_seq: torch.Tensor) -> torch.Tensor:
