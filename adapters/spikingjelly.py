@@ -548,8 +548,8 @@ def slr_takes_sequences(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> O
     for module in model.modules():
         if base is not None and isinstance(module, base.MultiStepModule):
             return True
-        cls = type(module)
-        if cls.__module__ == legacy_layer and (cls.__name__.startswith("MultiStep") or cls.__name__ == "SeqToANNContainer"):
+        if any(cls.__module__ == legacy_layer and (cls.__name__.startswith("MultiStep") or cls.__name__ == "SeqToANNContainer")
+               for cls in type(module).__mro__):  # a user's subclass too
             return True
     return None
 

@@ -7,6 +7,7 @@ keeps its carried state in module attributes (``state_names``); a plugin overrid
 from __future__ import annotations
 
 import copy
+import numbers
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -25,8 +26,8 @@ def _detached(value: Any, name: str, owner: Any) -> Any:
     """``value`` with every tensor in it that requires grad detached; ``value`` itself when none does."""
     if isinstance(value, torch.Tensor):
         return value.detach() if value.requires_grad else value
-    if value is None or isinstance(value, (bool, int, float, complex, str)):
-        return value
+    if value is None or isinstance(value, (numbers.Number, str, bytes)) or type(value).__module__ == "numpy":
+        return value  # holds no graph (numpy scalars and arrays included)
     if isinstance(value, (tuple, list)):
         items = [_detached(item, name, owner) for item in value]
         if all(new is old for new, old in zip(items, value)):
@@ -46,8 +47,8 @@ def _detached(value: Any, name: str, owner: Any) -> Any:
     describe = owner.describe() if isinstance(owner, NeuronAdapter) else type(owner).__name__
     raise PluginError(
         f"the carried state {name!r} of {describe} is a {type(value).__name__}; snn-localrules can cut "
-        "tensors, numbers, None and tuples, lists or dicts of them from the graph. Return such values from "
-        "the adapter's get_state(), or override its detach_state()."
+        "tensors, numbers, None and tuples, lists or dicts of them from the graph. Keep the neuron's state "
+        "in such values, or, in its adapter, return them from get_state() or override detach_state()."
     )
 
 

@@ -249,6 +249,29 @@ def test_auto_chunk_trains_like_chunk_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_chunk_measurement_leaves_other_gradients_and_no_hooks_behind():
+    """The measured first step is undone for every parameter (one trained by another optimizer too), and a
+    batch that fails in the measurement leaves no hook on the model."""
+    (x, y), _ = _data()
+    grads = {}
+    for options in (dict(chunk="auto", max_memory=10 ** 9), dict(chunk=T)):
+        torch.manual_seed(0)
+        model = sj_mlp("LIFNode", step_mode="m", tau=2.0)
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model[2].parameters(), lr=0.1),
+                           **options)  # the first layer is not the learner's to update
+        learner.step(x, y)
+        grads[options["chunk"]] = model[0].weight.grad.clone()
+        learner.unwrap()
+    assert torch.equal(grads["auto"], grads[T])
+    model = nn.Sequential(*sj_mlp("LIFNode", step_mode="s", tau=2.0))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       chunk="auto", max_memory=10 ** 9)
+    with pytest.raises(slr.LayoutError):
+        learner.step(torch.rand(12, 12), torch.randint(0, 5, (12,)))  # [B, features]: no time dimension
+    learner.unwrap()
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
 def test_memory_budget_reads_bytes_and_fractions():
     assert memory_budget(12345, torch.device("cpu")) == 12345
     half = memory_budget(0.5, torch.device("cpu"))

@@ -1,4 +1,6 @@
 """Online SLTT and SLTT-K: the driver's contract (steps, stats, losses, predict, step modes)."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -297,3 +299,68 @@ def test_nograd_chunk_changes_nothing_but_speed_and_memory():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     with pytest.raises(slr.WrapError, match="nograd_chunk"):
         _online(sj_conv("m"), x, y, K=2, nograd_chunk=0)
+
+
+def test_the_time_layout_probe_leaves_torchs_random_state_alone():
+    from spikingjelly.activation_based import encoding, functional, layer, neuron
+
+    class Encoded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = encoding.PoissonEncoder(step_mode="m")  # draws from torch's generator in any mode
+            self.net = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0), layer.Linear(16, 5))
+            functional.set_step_mode(self.net, "m")
+
+        def forward(self, x):
+            return self.net(self.enc(x))
+
+    x, y = torch.rand(4, 3, 12), torch.tensor([0, 1, 2])
+    results = []
+    for probe_first in (True, False):
+        torch.manual_seed(0)
+        model = Encoded()
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        if not probe_first:
+            learner._reduces_time = False  # as if already known: no probe
+        results.append((learner.step(x, y).loss, [p.detach().clone() for p in model.parameters()]))
+        learner.unwrap()
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_a_batch_first_multi_step_output_is_refused_not_taken_for_a_rate():
+    class BatchFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = sj_mlp(step_mode="m")
+
+        def forward(self, x):
+            return self.net(x).transpose(0, 1)  # [B, T, C]
+
+    model = BatchFirst()
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), chunk=2)
+    x, y = torch.rand(4, 3, 12), torch.tensor([0, 1, 2])
+    for call in (lambda: learner.predict(x), lambda: learner.step(x, y)):
+        with pytest.raises(slr.LayoutError, match=r"returned shape \(3, [24], 5\).*per-step outputs"):
+            call()
+    learner.unwrap()
+
+
+def test_a_numpy_memory_of_a_users_layer_is_left_as_it_is():
+    import numpy as np
+    from spikingjelly.activation_based import base, layer, neuron
+
+    class HostCounter(base.MemoryModule):
+        def __init__(self):
+            super().__init__()
+            self.register_memory("seen", np.zeros(3))
+
+        def forward(self, x):
+            self.seen = self.seen + 1
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(layer.Linear(12, 16), neuron.LIFNode(tau=2.0), HostCounter(), layer.Linear(16, 5))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert math.isfinite(learner.step(torch.rand(4, 3, 12), torch.tensor([0, 1, 2])).loss)
+    learner.unwrap()

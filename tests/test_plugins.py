@@ -473,7 +473,7 @@ def test_a_state_the_core_cannot_cut_is_named():
     try:
         net = _net()
         learner = slr.wrap(net, rule="sltt")
-        with pytest.raises(slr.PluginError, match=r"'u' of thirdparty\.ThirdPartyNeuron is a Holder.*override its "
+        with pytest.raises(slr.PluginError, match=r"'u' of thirdparty\.ThirdPartyNeuron is a Holder.*override "
                                                   r"detach_state"):
             net(torch.rand(4, 6))
         learner.unwrap()
@@ -560,5 +560,12 @@ def test_a_rule_subclass_registered_under_its_own_name_is_that_rule(tmp_path):
         with pytest.raises(ValueError, match="'sltt_custom'"):
             plain.load(tmp_path / "ckpt.pt")
         plain.unwrap()
+        # a checkpoint such a learner wrote when learners named themselves by their class's name still loads
+        old = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+        old["learner"]["rule"] = "sltt"
+        torch.save(old, tmp_path / "old.pt")
+        learner = slr.wrap(net, rule="sltt_custom", optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        learner.load(tmp_path / "old.pt")
+        learner.unwrap()
     finally:
         slr.unregister_plugin(name=name)

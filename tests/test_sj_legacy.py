@@ -276,6 +276,17 @@ def test_single_step_neurons_in_a_multi_step_container_train_online_as_multi_ste
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_a_subclass_of_a_legacy_multi_step_container_is_seen_too():
+    class Mine(layer.MultiStepContainer):
+        pass
+
+    model = _conv(lambda: Mine(neuron.LIFNode(tau=2.0, detach_reset=True)))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert learner._sequence_model()
+    learner.step(*_data(shape=(2, 5, 5)))
+    learner.unwrap()
+
+
 def test_single_step_online_sltt_gradients():
     model = _mlp(SINGLE_STEP["PLIF"])
     x, y = _data()

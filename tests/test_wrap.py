@@ -188,6 +188,31 @@ def test_online_refuses_a_forward_that_loops_over_time_before_any_update():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class _CountsOverTime(nn.Module):
+    """The snnTorch tutorials' forward: loops over the first dimension itself and returns the spike count."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_seq):
+        return sum(self.net(x)[0] for x in x_seq)
+
+
+@pytest.mark.parametrize("rule", ["sltt", "tp"])
+def test_a_forward_that_loops_over_time_and_sums_is_named_as_such(rule):
+    """Its output has no per-step form either; the learner names the loop over time, not the input layout."""
+    torch.manual_seed(3)
+    model = _CountsOverTime(snn_sequential())
+    options = dict(num_classes=5) if rule == "tp" else {}
+    learner = slr.wrap(model, rule=rule, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), **options)
+    with pytest.raises(slr.WrapError, match=r"'net.1' \(snntorch.Leaky\), 'net.3' .*ran more than once.*"
+                                            r"loops over time itself"):
+        learner.step(torch.rand(4, 3, 12), torch.randint(0, 5, (3,)))
+    learner.unwrap()
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
+
+
 @pytest.mark.parametrize(
     "x_shape, y_shape, match",
     [

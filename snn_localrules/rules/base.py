@@ -109,8 +109,14 @@ class Rule:
         return {"rule": self.name}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("rule") != self.name:
+        if not self._own_rule(state.get("rule")):
             raise ValueError(f"state_dict is for rule {state.get('rule')!r}, this learner is {self.name!r}")
+
+    def _own_rule(self, rule: Any) -> bool:
+        """A state of this learner's rule: its name, or, for a rule class registered under a name of its
+        own, the name its class carries (what such a learner called itself before learners took the name
+        they are wrapped by)."""
+        return rule == self.name or rule == type(self).name
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, path: Union[str, "os.PathLike[str]"], **extra: Any) -> None:
@@ -140,7 +146,7 @@ class Rule:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(checkpoint, dict) or not {"model", "learner"} <= set(checkpoint):
             raise ValueError(f"{path} is not a checkpoint written by learner.save() (no model/learner entries).")
-        if checkpoint["learner"].get("rule") != self.name:
+        if not self._own_rule(checkpoint["learner"].get("rule")):
             self.load_state_dict(checkpoint["learner"])  # raises, naming both rules
         # all or nothing: model.load_state_dict copies what fits before it raises, and the optimizer's state
         # would otherwise already be the checkpoint's (for a model of another shape: the next step crashes)
@@ -397,11 +403,12 @@ def _one_step(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reduces_time(out: torch.Tensor, batch: int) -> bool:
-    """Whether a multi-step model's output ``out`` for a one-step input ``[1, B, ...]`` has lost the time
-    dimension (its forward returns a rate, ``.mean(0)``, as Spikformer's does): ``[B, ...]``, not
-    ``[1, B, ...]``."""
-    return not (out.dim() >= 2 and out.shape[0] == 1 and out.shape[1] == batch) and out.shape[0] == batch
+def reduces_time(one: torch.Tensor, two: torch.Tensor, batch: int) -> bool:
+    """Whether a multi-step model's forward reduces its output over time (returns a rate, ``.mean(0)``, as
+    Spikformer's does), from its outputs for a one-step and a two-step input: the same shape ``[B, ...]``
+    for both. Per-step outputs ``[1, B, ...]`` / ``[2, B, ...]``, or anything else (a batch-first
+    ``[B, T, ...]``, which the next call then refuses), are not."""
+    return one.shape == two.shape and one.dim() >= 1 and one.shape[0] == batch
 
 
 def _per_step(out: torch.Tensor, steps: int, batch: int) -> List[torch.Tensor]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .. import graphs
 from ..adapter import NeuronAdapter
-from ..errors import LossError, NonFiniteLossError, PluginError, UnsupportedModelError, WrapError
+from ..errors import LayoutError, LossError, NonFiniteLossError, PluginError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss
 from ..functional.norm_recompute import NormSources, channel_dim, rebuild_input_from
 from ..functional.spike_pack import SpikePacker, others_on_top, pooled_window
@@ -458,9 +458,15 @@ class SLTT(Rule):
         self._graphs_for(x_seq, no_sync)
         if not self._calls_checked and not sequence_model:
             self._calls = NeuronCalls(self.neurons, x_seq.shape[1])
-        self._learn_time_layout(x_seq, sequence_model)
-        if self.chunk_size is None:
-            self._measure_chunk(x_seq, y, T, sequence_model)
+        try:
+            self._learn_time_layout(x_seq, sequence_model)
+            if self.chunk_size is None:
+                self._measure_chunk(x_seq, y, T, sequence_model)
+        except BaseException:
+            if self._calls is not None:  # the neuron-call counter's hooks go with the failed batch
+                self._calls.remove()
+                self._calls = None
+            raise
         self.reset_state()
         self.optimizer.zero_grad(set_to_none=True)
         model_params = list(self.model.parameters()) if self.graphs is not None else []
@@ -534,7 +540,14 @@ class SLTT(Rule):
     def _run(self, x: torch.Tensor, sequence_model: bool) -> List[torch.Tensor]:
         """``run_in_time`` of the model over ``x`` ``[c, B, ...]``; on the first batch of a model fed one
         step per call, first check that no neuron ran more often than the model (before any backward)."""
-        outs = run_in_time(self.model, x, sequence_model, self.output, one_call_per_step=bool(self._reduces_time))
+        try:
+            outs = run_in_time(self.model, x, sequence_model, self.output, one_call_per_step=bool(self._reduces_time))
+        except LayoutError:
+            if self._calls is not None:  # a forward that loops over time also returns no per-step output:
+                calls, self._calls = self._calls, None  # say that, rather than blame the input's layout
+                calls.remove()
+                calls.check(self.model, len(x), self.name)
+            raise
         if self._calls is not None:
             calls, self._calls = self._calls, None
             calls.remove()
@@ -576,6 +589,10 @@ class SLTT(Rule):
         chunks of the size found: the same updates as ``chunk=`` that size."""
         buffers = [(module, name, value, value.detach().clone()) for module in self.model.modules()
                    for name, value in module._buffers.items() if value is not None]
+        # every parameter's .grad aside (the optimizer's and any other's): the pass makes new ones
+        grads = [(p, p.grad) for p in self.model.parameters()]
+        for p, _ in grads:
+            p.grad = None
         cuda = x_seq.device.type == "cuda"
         rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x_seq.device) if cuda else None)
         self.reset_state()
@@ -584,6 +601,8 @@ class SLTT(Rule):
             self._backprop(x_seq[:1], y, T=T, first=0, sequence_model=sequence_model, saved=saved)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
+            for p, grad in grads:
+                p.grad = grad
             with torch.no_grad():
                 for module, name, value, kept in buffers:
                     module._buffers[name] = value
@@ -665,23 +684,33 @@ class SLTT(Rule):
     @torch.no_grad()
     def _learn_time_layout(self, x_seq: torch.Tensor, sequence_model: bool) -> None:
         """Once, for a multi-step model: whether its forward reduces the output over time (returns a rate,
-        as Spikformer's ``head(x.mean(0))``), from one call on the first step in eval mode (no batch-norm
-        statistic or dropout draw spent), the neurons reset after. Such a model is then called one step
-        at a time wherever a learner needs per-step outputs (chunks, SLTT-K's forward-only steps, predict)."""
+        as Spikformer's ``head(x.mean(0))``), from two calls on the first step (once alone, once repeated
+        over two steps) in eval mode: no batch-norm statistic or dropout draw spent, torch's random state
+        restored, the neurons reset after (forward hooks of your own see the two calls). Such a model is
+        then called one step at a time wherever a learner needs per-step outputs (chunks, SLTT-K's
+        forward-only steps, predict)."""
         if not sequence_model or self._reduces_time is not None:
             return
         modes = [(m, m.training) for m in self.model.modules()]
+        cuda = x_seq.device.type == "cuda"
+        rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x_seq.device) if cuda else None)
+        first = x_seq[:1]
         self.model.eval()
-        self.reset_state()
+        outs = []
         try:
-            out = choose_output(self.model(x_seq[:1]), self.output)
+            for probe in (first, first.expand(2, *first.shape[1:])):
+                self.reset_state()
+                outs.append(choose_output(self.model(probe), self.output))
         except Exception:
-            out = None  # a model that cannot take one step per call: the step itself says what is wrong
+            outs = []  # a model that cannot take such a call: the step itself says what is wrong
         finally:
             for module, training in modes:
                 module.training = training
+            torch.random.set_rng_state(rng[0])
+            if cuda:
+                torch.cuda.set_rng_state(rng[1], x_seq.device)
             self.reset_state()
-        self._reduces_time = out is not None and reduces_time(out, x_seq.shape[1])
+        self._reduces_time = len(outs) == 2 and reduces_time(outs[0], outs[1], x_seq.shape[1])
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

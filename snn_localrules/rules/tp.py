@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..adapter import NeuronAdapter
-from ..errors import LossError, NonFiniteLossError, WrapError
+from ..errors import LayoutError, LossError, NonFiniteLossError, WrapError
 from ..functional.traces import (
     SPATIAL_MODES,
     contrastive_trace_loss,
@@ -513,8 +513,11 @@ class TP(Rule):
                    for m in self.model.modules()
                    if id(m) not in inside_neurons and id(m) not in holders
                    and any(True for _ in m.parameters(recurse=False))]
+        layout_error = None
         try:
             run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
+        except LayoutError as error:  # a forward that loops over time gives no per-step output either:
+            layout_error = error      # the repeated neurons below say so, rather than blame the input
         finally:
             for handle in handles:
                 handle.remove()
@@ -524,6 +527,8 @@ class TP(Rule):
         repeated = [self.neurons[i] for i in sorted(set(self._seen)) if self._seen.count(i) > 1]
         if repeated:
             raise repeated_neurons_error(self.model, repeated, self.name)
+        if layout_error is not None:
+            raise layout_error
         self._order = list(dict.fromkeys(self._seen))
         # the model ends with a neuron when no module with weights runs after the last neuron (what follows
         # it, if anything, has none: a VotingLayer, a pool); registration order may differ from this
