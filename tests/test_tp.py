@@ -551,3 +551,29 @@ def test_a_deep_copy_of_a_tp_learner_trains_its_own_model():
         assert torch.equal(a, b)
     learner.unwrap()
     fork.unwrap()
+
+
+def test_tp_allocates_nothing_the_size_of_the_whole_input():
+    """TP's memory does not grow with T: no step of it (the input checks, the label projection's scale on
+    the first batch) makes a temporary of the whole [T, B, ...] input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, y = torch.rand(64, 6, 12) * 3, torch.tensor([0, 1, 2, 3, 0, 1])
+
+    class LargestNew(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                    LargestNew.largest = max(LargestNew.largest, t.numel())
+            return out
+
+    model = _mlp(hidden=(16,))
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4)
+    with LargestNew():
+        learner.step(x, y)  # the first batch: the label projection is made here
+        learner.step(x, y)
+    assert 0 < LargestNew.largest < x[0].numel() * 4, (LargestNew.largest, x.numel())
+    learner.unwrap()

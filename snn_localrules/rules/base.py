@@ -526,9 +526,14 @@ def check_devices(model: nn.Module, x_seq: torch.Tensor, y: Optional[torch.Tenso
 
 def check_finite_input(x_seq: torch.Tensor) -> None:
     """Refuse an input holding NaN or inf (one host sync). The spike function hides a NaN in forward
-    (``NaN >= threshold`` is False) and a rule that updates at every step would apply its NaN gradient."""
-    if not bool(torch.isfinite(x_seq).all()):
-        bad = int((~torch.isfinite(x_seq)).sum())
+    (``NaN >= threshold`` is False) and a rule that updates at every step would apply its NaN gradient.
+    Checked one step at a time: a check of the whole ``[T, B, ...]`` at once would allocate temporaries the
+    size of the input, and a rule whose memory does not grow with T (TP) would grow with it."""
+    finite = torch.ones((), dtype=torch.bool, device=x_seq.device)
+    for x_t in x_seq:
+        finite &= torch.isfinite(x_t).all()
+    if not bool(finite):
+        bad = sum(int((~torch.isfinite(x_t)).sum()) for x_t in x_seq)
         raise LayoutError(
             f"x_seq holds {bad} NaN/inf value(s); nothing was run or updated. Clean the input "
             "(torch.nan_to_num(x_seq)) or find where the data pipeline produces them."
