@@ -19,6 +19,7 @@ import inspect
 import math
 import os
 import sys
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -158,7 +159,12 @@ class SpikingJellyNeuron(NeuronAdapter):
     """Adapter for one SpikingJelly neuron module."""
 
     framework = "spikingjelly"
-    fused_outputs_binary = True  # the fused form is taken for Heaviside surrogates only (_fusable_kind)
+
+    @property
+    def fused_outputs_binary(self) -> bool:  # type: ignore[override]
+        # the fused form runs the surrogate's own forward: a Heaviside for most, but MultiLevelSpikeCount
+        # emits counts (0..K), which one byte would wrap
+        return _emits_spikes(self.module.surrogate_function)
 
     @property
     def state_names(self):  # type: ignore[override]
@@ -270,6 +276,30 @@ def _fusable_class(cls: type) -> Optional[str]:
             same = all(getattr(cls, name, None) is getattr(ancestor, name, None) for name in _FORWARD_METHODS)
             return kind if same else None
     return None
+
+
+_EMITS_SPIKES: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def _emits_spikes(function: Any) -> bool:
+    """Whether a surrogate function's forward gives only 0 and 1, probed once per surrogate object on values
+    from far below to far above the threshold (``MultiLevelSpikeCount`` gives counts up to its K)."""
+    try:
+        return _EMITS_SPIKES[function]
+    except (KeyError, TypeError):
+        pass
+    probe = torch.tensor([-1e4, -10.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 10.0, 1e2, 1e4])
+    try:
+        with torch.no_grad():
+            out = function(probe)
+        emits = isinstance(out, torch.Tensor) and bool(((out == 0) | (out == 1)).all())
+    except Exception:
+        emits = False
+    try:
+        _EMITS_SPIKES[function] = emits
+    except TypeError:  # not weakly referable: asked again next time
+        pass
+    return emits
 
 
 def _deterministic_surrogate(function: Any) -> bool:

@@ -118,7 +118,10 @@ def find_neurons(model: nn.Module) -> List[NeuronAdapter]:
         if adapter is not None:
             found.append(adapter)
         elif module is not model and not list(module.children()) and _looks_like_neuron(module):
-            suspects.append(f"{name or '<model>'} ({type(module).__module__}.{type(module).__name__})")
+            suspects.append((module, f"{name or '<model>'} ({type(module).__module__}.{type(module).__name__})"))
+    # a module inside a supported neuron (its surrogate function, a LeakyKReLU, say) is part of that neuron
+    parts = {id(sub) for adapter in found for sub in adapter.module.modules()}
+    suspects = [label for module, label in suspects if id(module) not in parts]
     if found and suspects:
         # one unsupported neuron beside supported ones would keep its temporal route: say so
         warnings.warn(

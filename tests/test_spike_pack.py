@@ -63,6 +63,39 @@ def test_zero_change_gradients_are_bit_identical_with_packing():
     assert packer.packed_bytes == 2 * T * B * 8 * 8 * 8 + T * B * 8 * 4 * 4
 
 
+def test_multi_level_spike_counts_are_not_packed_into_a_byte():
+    """SpikingJelly's MultiLevelSpikeCount surrogate emits counts 0..K, not 0/1: its fused outputs are kept
+    as they are (a byte would hold 8 x an 8x8 average pool's 64 cells = 512 wrapped to 0)."""
+    if not hasattr(surrogate, "MultiLevelSpikeCount"):
+        pytest.skip("this SpikingJelly has no MultiLevelSpikeCount")
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            layer.Conv2d(2, 4, 3, padding=1),
+            neuron.LIFNode(tau=2.0, v_reset=None, surrogate_function=surrogate.MultiLevelSpikeCount(8)),
+            layer.AvgPool2d(8), layer.Flatten(), layer.Linear(4, 5),
+        ).double()
+        functional.set_step_mode(model, "m")
+        return model
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(T, B, 2, 8, 8, generator=g, dtype=torch.float64) * 60
+    y = torch.randint(0, 5, (B,), generator=g)
+    grads, counts = {}, {}
+    for pack in (False, True):
+        model = build()
+        learner = slr.wrap(model, rule="sltt", pack_spikes=pack)
+        counts[pack] = model[1](model[0](x)).max().item()
+        functional.reset_net(model)
+        grads[pack] = _zero_change_grads(model, x, y)
+        assert learner.packer is None or learner.packer.packed_bytes == 0
+        learner.unwrap()
+    assert counts[True] > 1  # counts, not spikes (their 8x8 window sums pass 255)
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_online_training_is_bit_identical_with_packing(chunk):
     x, y = _data()

@@ -93,6 +93,22 @@ def test_no_neuron_and_unknown_neuron_class():
     learner.unwrap()
 
 
+def test_parts_of_a_supported_neuron_are_not_look_alikes():
+    """A surrogate module inside a neuron (SpikingJelly's LeakyKReLU, PiecewiseLeakyReLU) is part of it."""
+    import warnings
+
+    from spikingjelly.activation_based import surrogate
+
+    for name in ("LeakyKReLU", "PiecewiseLeakyReLU"):
+        if not hasattr(surrogate, name):
+            continue
+        model = sj_mlp(surrogate_function=getattr(surrogate, name)())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            learner = slr.wrap(model, rule="sltt")
+        learner.unwrap()
+
+
 def test_unknown_rule_lists_known():
     with pytest.raises(slr.WrapError, match="unknown rule 'bptt'.*sltt"):
         slr.wrap(sj_mlp(), rule="bptt")
