@@ -7,7 +7,7 @@ Nothing here runs unless a process group is initialised and the model is wrapped
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -85,3 +85,32 @@ def gather_rows(tensor: torch.Tensor, group: Any, sizes: List[int]) -> torch.Ten
 def row_offset(group: Any, sizes: List[int]) -> int:
     """Index of this process's first row in the gathered batch."""
     return sum(sizes[: dist.get_rank(group)])
+
+
+def keep_neuron_state_local(model: nn.Module, neurons: Sequence[Any]) -> Callable[[], None]:
+    """Keep each process's neuron state its own under ``DistributedDataParallel``.
+
+    DDP copies every buffer of rank 0 to the other processes at each forward (``broadcast_buffers``, its
+    default), and snnTorch keeps the neurons' membranes in buffers: every process would carry on from rank
+    0's membrane, for the rest of the batch. The neurons' state buffers are added to the names DDP leaves
+    out of that copy (its ``parameters_to_ignore``, which it reads at every forward); batch-norm
+    statistics and other buffers are still copied as before.
+
+    :return: a function that gives DDP back the names it had.
+    """
+    ignored = getattr(model, "parameters_to_ignore", None)
+    if not isinstance(model, nn.parallel.DistributedDataParallel) or not isinstance(ignored, set):
+        return lambda: None
+    names = {id(module): name for name, module in model.module.named_modules()}
+    added = set()
+    for neuron in neurons:
+        prefix = names.get(id(neuron.module))
+        if prefix is None:
+            continue
+        for state in neuron.state_names:
+            full = f"{prefix}.{state}" if prefix else state
+            if state in neuron.module._buffers and full not in ignored:
+                added.add(full)
+    ignored |= added
+    return lambda: ignored.difference_update(added)
+

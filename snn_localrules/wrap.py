@@ -64,6 +64,10 @@ class ModuleHooks:
         _FORWARD_FUNCTIONS.add(fn)
         self._forwards.append(module)
 
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        """Call ``undo`` when the hooks are removed (a change that is not a hook: DDP's ignored names)."""
+        self._handles.append(_Undo(undo))
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -72,6 +76,18 @@ class ModuleHooks:
             if "forward" in vars(module):
                 object.__delattr__(module, "forward")
         self._forwards.clear()
+
+
+class _Undo:
+    """A handle whose ``remove()`` runs a function once."""
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self._undo: Optional[Callable[[], None]] = undo
+
+    def remove(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
 
 
 def _looks_like_neuron(module: nn.Module) -> bool:

@@ -27,6 +27,10 @@ def _rendezvous(tmp_path) -> str:
 
 def _fresh_model(step_mode):
     torch.manual_seed(0)
+    if step_mode == "snntorch":  # membranes in buffers, which DDP would copy from rank 0 at every forward
+        from tests.models import snn_sequential
+
+        return snn_sequential()
     return sj_mlp("LIFNode", step_mode=step_mode, tau=2.0)
 
 
@@ -85,7 +89,8 @@ def _ddp_worker(rank, world, rendezvous, step_mode, K, chunk, out_dir):
     _exit_worker()
 
 
-@pytest.mark.parametrize("step_mode,K,chunk", [("s", None, 1), ("m", None, 1), ("s", 2, 1), ("m", None, 2)])
+@pytest.mark.parametrize("step_mode,K,chunk", [("s", None, 1), ("m", None, 1), ("s", 2, 1), ("m", None, 2),
+                                              ("snntorch", None, 1)])
 def test_ddp_two_processes_match_single_process_on_the_whole_batch(tmp_path, step_mode, K, chunk):
     import torch.multiprocessing as mp
 
@@ -309,6 +314,11 @@ def _tp_model(step_mode):
     from spikingjelly.activation_based import functional, layer, neuron
 
     torch.manual_seed(0)
+    if step_mode == "snntorch":
+        import snntorch as snn
+
+        return nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.5, init_hidden=True), nn.Linear(16, 16),
+                             snn.Leaky(beta=0.5, threshold=0.3, init_hidden=True), nn.Linear(16, 5))
     model = nn.Sequential(
         layer.Linear(12, 16), neuron.LIFNode(tau=2.0, v_reset=None, decay_input=False),
         layer.Linear(16, 16), neuron.LIFNode(tau=2.0, v_reset=None, decay_input=False, v_threshold=0.3),
@@ -361,7 +371,7 @@ def _tp_single_process(step_mode="s", label_batch="concat"):
     return model, learner
 
 
-@pytest.mark.parametrize("step_mode,label_batch", [("s", "concat"), ("m", "separate")])
+@pytest.mark.parametrize("step_mode,label_batch", [("s", "concat"), ("m", "separate"), ("snntorch", "concat")])
 def test_tp_ddp_two_processes_match_single_process_on_the_whole_batch(tmp_path, step_mode, label_batch):
     ranks = _run_tp_ddp(tmp_path, step_mode, label_batch)
     model, learner = _tp_single_process(step_mode, label_batch)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..adapter import NeuronAdapter
 from ..errors import LayoutError, WrapError
 from ..plugins import plugin_manager
@@ -66,6 +67,9 @@ class Rule:
 
     def _install(self) -> None:
         self.install(self._hooks)
+        # under DDP each process keeps its own neuron state (snnTorch's are buffers, which DDP would copy
+        # from rank 0 at every forward)
+        self._hooks.on_remove(distributed.keep_neuron_state_local(self.model, self.neurons))
         self._wrapped = True
 
     def _remove(self) -> None:
