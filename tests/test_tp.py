@@ -195,9 +195,10 @@ def test_tp_wrap_unwrap_and_errors():
 def test_silent_layer_is_reported():
     model = _mlp()
     learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4)
-    with pytest.warns(RuntimeWarning, match="never spiked"):
+    with pytest.warns(RuntimeWarning, match="never spiked") as caught:
         stats = learner.step(torch.zeros(3, 4, 12), torch.tensor([0, 1, 2, 3]))
     assert stats.silent_layers == [0]
+    assert caught[0].filename == __file__  # the warning points at the caller's step()
     learner.unwrap()
 
 

@@ -469,7 +469,7 @@ class TP(Rule):
                 "and gets no gradient, so TP cannot start from it: raise the input scale, lower v_threshold or "
                 "raise tau (slower decay).",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,  # _step, step, guarded_step, the caller
             )
         return TPStats(
             loss=sum(layer_sums.values()) + readout_sum,
