@@ -195,11 +195,12 @@ def test_online_equals_zero_change_single_step():
         torch.testing.assert_close(ga, p.grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce+mse", "callable"])
+@pytest.mark.parametrize("loss", ["mse", "ce+mse", "ce+mse_onehot", "callable"])
 def test_named_and_callable_losses(loss):
     x, y = torch.rand(4, 3, 12) * 2, torch.randint(0, 5, (3,))
     fn = {"mse": lambda o, t: F.mse_loss(o, F.one_hot(t, 5).float()),
           "ce+mse": lambda o, t: 0.95 * F.cross_entropy(o, t) + 0.05 * F.mse_loss(o, torch.ones_like(o)),
+          "ce+mse_onehot": lambda o, t: 0.95 * F.cross_entropy(o, t) + 0.05 * F.mse_loss(o, F.one_hot(t, 5).float()),
           "callable": lambda o, t: F.cross_entropy(o, t)}[loss]
     torch.manual_seed(2)
     stats_a, g_a = _online(sj_mlp(), x, y, loss=loss if loss != "callable" else fn)

@@ -264,8 +264,10 @@ def test_bad_arguments():
 
 # -- rule settings -----------------------------------------------------------------------------------------
 def test_sltt_options():
+    # the losses of the authors' run commands: all-ones MSE target by default, one-hot for DVS-CIFAR10
     assert presets.sltt_options("dvs-gesture") == {"loss": "ce+mse", "T": 20, "K": 4}
-    assert presets.sltt_options("DVS_CIFAR10") == {"loss": "ce+mse", "T": 10, "K": 2}
+    assert presets.sltt_options("DVS_CIFAR10") == {"loss": "ce+mse_onehot", "T": 10, "K": 2}
+    assert presets.sltt_options("cifar100") == {"loss": "ce+mse", "T": 6}
     assert presets.sltt_options("cifar10dvs") == presets.sltt_options("dvs-cifar10")
     assert presets.sltt_options("ImageNet") == {"loss": "ce", "T": 6, "K": 2}
     assert presets.sltt_options("imagenet", sltt_k=False) == {"loss": "ce", "T": 6}
@@ -277,6 +279,7 @@ def test_sltt_options():
 def test_sltt_neuron_kwargs():
     sj = presets.sltt_neuron_kwargs()
     assert sj["tau"] == 1.1 and sj["v_threshold"] == 1.0 and sj["v_reset"] is None
+    assert type(sj["surrogate_function"]).__name__ == "PiecewiseQuadratic"  # the authors' "triangle"
     st = presets.sltt_neuron_kwargs("snntorch")
     assert st["beta"] == pytest.approx(1 - 1 / 1.1) and st["reset_mechanism"] == "subtract"
     with pytest.raises(ValueError):

@@ -16,7 +16,8 @@ from ..errors import LossError
 
 StepLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-#: the SLTT authors' mix on DVS data: L_t = (1 - alpha) CE(o[t], y) + alpha MSE(o[t], phi)
+#: the SLTT authors' mix: L_t = (1 - alpha) CE(o[t], y) + alpha MSE(o[t], phi), phi all ones (their
+#: default, ``loss_means``) or the one-hot label (their ``-mse_n_reg``, used for DVS-CIFAR10)
 SLTT_MSE_WEIGHT = 0.05
 SLTT_MSE_TARGET = 1.0
 
@@ -61,18 +62,24 @@ def ce_mse_step(
     alpha: float = SLTT_MSE_WEIGHT,
     phi: float = SLTT_MSE_TARGET,
 ) -> torch.Tensor:
-    """The SLTT authors' DVS loss for one step: ``(1 - alpha) CE(o, y) + alpha MSE(o, phi)``."""
+    """The SLTT authors' default loss for one step: ``(1 - alpha) CE(o, y) + alpha MSE(o, phi)``, phi = 1."""
     mse = F.mse_loss(output, torch.full_like(output, phi))
     return (1.0 - alpha) * F.cross_entropy(output, target) + alpha * mse
 
 
-NAMED_LOSSES = {"ce": cross_entropy_step, "mse": mse_step, "ce+mse": ce_mse_step}
+def ce_mse_onehot_step(output: torch.Tensor, target: torch.Tensor, alpha: float = SLTT_MSE_WEIGHT) -> torch.Tensor:
+    """The SLTT authors' DVS-CIFAR10 loss for one step (their ``-mse_n_reg``): ``(1 - alpha) CE(o, y) +
+    alpha MSE(o, one_hot(y))``."""
+    return (1.0 - alpha) * F.cross_entropy(output, target) + alpha * F.mse_loss(output, _one_hot_like(output, target))
+
+
+NAMED_LOSSES = {"ce": cross_entropy_step, "mse": mse_step, "ce+mse": ce_mse_step, "ce+mse_onehot": ce_mse_onehot_step}
 
 
 def resolve_step_loss(loss: Union[str, Callable, StepLoss], plugin_answer=None) -> StepLoss:
     """Resolve ``loss=`` to a :class:`StepLoss`.
 
-    :param loss: ``"ce"``, ``"mse"``, ``"ce+mse"``, a :class:`StepLoss`, a framework loss object that a
+    :param loss: ``"ce"``, ``"mse"``, ``"ce+mse"``, ``"ce+mse_onehot"``, a :class:`StepLoss`, a framework loss object that a
         plugin recognises, or any callable ``(o_t, y) -> scalar`` (applied per step; the rule divides by T).
     :param plugin_answer: a callable asking the plugins (``slr_step_loss`` hook); injected to keep this
         module free of the plugin manager.

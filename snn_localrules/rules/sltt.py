@@ -219,7 +219,8 @@ class SLTT(Rule):
 
     :param optimizer: the optimizer over the model's parameters; its presence selects online mode.
     :param loss: per-step loss for online mode: ``"ce"`` (default), ``"mse"``, ``"ce+mse"`` (the authors'
-        DVS mix, alpha=0.05, target 1), snnTorch's ``SF.ce_rate_loss()`` / ``SF.mse_membrane_loss()``, or a
+        default mix, alpha=0.05, MSE target all ones), ``"ce+mse_onehot"`` (one-hot MSE target, their
+        DVS-CIFAR10 setting), snnTorch's ``SF.ce_rate_loss()`` / ``SF.mse_membrane_loss()``, or a
         callable ``(o_t, y) -> scalar``; the batch loss is ``(1/T) sum_t L_t``.
     :param K: SLTT-K: backpropagate only K distinct steps per batch (the others run forward under
         ``no_grad``; the loss is still divided by T). ``None``: all steps.
