@@ -278,26 +278,31 @@ def _fusable_class(cls: type) -> Optional[str]:
     return None
 
 
-_EMITS_SPIKES: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_EMITS_SPIKES: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _emits_spikes(function: Any) -> bool:
-    """Whether a surrogate function's forward gives only 0 and 1, probed once per surrogate object on values
-    from far below to far above the threshold (``MultiLevelSpikeCount`` gives counts up to its K)."""
+    """Whether a surrogate function's forward gives only 0 and 1, probed on values from far below to far
+    above the threshold (``MultiLevelSpikeCount`` gives counts up to its K). Remembered per surrogate object
+    and its settings (SpikingJelly's surrogates read them at every call, so a changed K is probed again)."""
+    settings = (getattr(function, "spiking", None), repr(getattr(function, "_sg_params", None)),
+                tuple(sorted((k, v) for k, v in vars(function).items() if isinstance(v, (bool, int, float, str)))))
     try:
-        return _EMITS_SPIKES[function]
-    except (KeyError, TypeError):
-        pass
-    probe = torch.tensor([-1e4, -10.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 10.0, 1e2, 1e4])
+        known = _EMITS_SPIKES.get(function)
+    except TypeError:  # not weakly referable
+        known = None
+    if known is not None and known[0] == settings:
+        return known[1]
+    probe = torch.tensor([-1e4, -10.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 10.0, 1e2, 1e4], device="cpu")
     try:
         with torch.no_grad():
             out = function(probe)
         emits = isinstance(out, torch.Tensor) and bool(((out == 0) | (out == 1)).all())
     except Exception:
-        emits = False
+        return False  # not remembered: a probe that cannot run here (a meta or fake context) says nothing
     try:
-        _EMITS_SPIKES[function] = emits
-    except TypeError:  # not weakly referable: asked again next time
+        _EMITS_SPIKES[function] = (settings, emits)
+    except TypeError:
         pass
     return emits
 

@@ -7,7 +7,7 @@ Nothing here runs unless a process group is initialised and the model is wrapped
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -87,7 +87,7 @@ def row_offset(group: Any, sizes: List[int]) -> int:
     return sum(sizes[: dist.get_rank(group)])
 
 
-def keep_neuron_state_local(model: nn.Module, neurons: Sequence[Any]) -> Callable[[], None]:
+def keep_neuron_state_local(model: nn.Module, neurons: Sequence[Any]) -> List[str]:
     """Keep each process's neuron state its own under ``DistributedDataParallel``.
 
     DDP copies every buffer of rank 0 to the other processes at each forward (``broadcast_buffers``, its
@@ -96,13 +96,13 @@ def keep_neuron_state_local(model: nn.Module, neurons: Sequence[Any]) -> Callabl
     out of that copy (its ``parameters_to_ignore``, which it reads at every forward); batch-norm
     statistics and other buffers are still copied as before.
 
-    :return: a function that gives DDP back the names it had.
+    :return: the names added, for :func:`release_neuron_state` (none for a model that is not DDP).
     """
     ignored = getattr(model, "parameters_to_ignore", None)
     if not isinstance(model, nn.parallel.DistributedDataParallel) or not isinstance(ignored, set):
-        return lambda: None
+        return []
     names = {id(module): name for name, module in model.module.named_modules()}
-    added = set()
+    added = []
     for neuron in neurons:
         prefix = names.get(id(neuron.module))
         if prefix is None:
@@ -110,7 +110,14 @@ def keep_neuron_state_local(model: nn.Module, neurons: Sequence[Any]) -> Callabl
         for state in neuron.state_names:
             full = f"{prefix}.{state}" if prefix else state
             if state in neuron.module._buffers and full not in ignored:
-                added.add(full)
-    ignored |= added
-    return lambda: ignored.difference_update(added)
+                added.append(full)
+    ignored.update(added)
+    return added
 
+
+def release_neuron_state(model: nn.Module, added: Sequence[str]) -> None:
+    """Take the names :func:`keep_neuron_state_local` added off ``model``'s DDP list again (the model the
+    learner holds: a deep copy of a learner releases its own copy's)."""
+    ignored = getattr(model, "parameters_to_ignore", None)
+    if isinstance(ignored, set):
+        ignored.difference_update(added)

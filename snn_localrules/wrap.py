@@ -64,10 +64,6 @@ class ModuleHooks:
         _FORWARD_FUNCTIONS.add(fn)
         self._forwards.append(module)
 
-    def on_remove(self, undo: Callable[[], None]) -> None:
-        """Call ``undo`` when the hooks are removed (a change that is not a hook: DDP's ignored names)."""
-        self._handles.append(_Undo(undo))
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -76,18 +72,6 @@ class ModuleHooks:
             if "forward" in vars(module):
                 object.__delattr__(module, "forward")
         self._forwards.clear()
-
-
-class _Undo:
-    """A handle whose ``remove()`` runs a function once."""
-
-    def __init__(self, undo: Callable[[], None]) -> None:
-        self._undo: Optional[Callable[[], None]] = undo
-
-    def remove(self) -> None:
-        undo, self._undo = self._undo, None
-        if undo is not None:
-            undo()
 
 
 def _looks_like_neuron(module: nn.Module) -> bool:
@@ -135,8 +119,9 @@ def find_neurons(model: nn.Module) -> List[NeuronAdapter]:
             found.append(adapter)
         elif module is not model and not list(module.children()) and _looks_like_neuron(module):
             suspects.append((module, f"{name or '<model>'} ({type(module).__module__}.{type(module).__name__})"))
-    # a module inside a supported neuron (its surrogate function, a LeakyKReLU, say) is part of that neuron
-    parts = {id(sub) for adapter in found for sub in adapter.module.modules()}
+    # a module inside a supported neuron (its surrogate function, a LeakyKReLU, say) is part of that neuron;
+    # not so inside a recurrent container (is_layer False), whose wrapped neuron may be unsupported
+    parts = {id(sub) for adapter in found if adapter.is_layer for sub in adapter.module.modules()}
     suspects = [label for module, label in suspects if id(module) not in parts]
     if found and suspects:
         # one unsupported neuron beside supported ones would keep its temporal route: say so

@@ -309,6 +309,39 @@ def test_tp_resume_from_checkpoint_is_bit_identical(tmp_path):
         assert torch.equal(a, c)
 
 
+def _ddp_ignore_worker(rank, world, rendezvous, out_dir):
+    import copy as copy_module
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        model = DDP(_fresh_model("snntorch"))
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        seen = [sorted(model.parameters_to_ignore)]
+        fork = copy_module.deepcopy(learner)  # its model is a copy, with its own list
+        fork.unwrap()
+        seen += [sorted(model.parameters_to_ignore), sorted(fork.model.parameters_to_ignore)]
+        learner.unwrap()
+        seen.append(sorted(model.parameters_to_ignore))
+        torch.save(seen, os.path.join(out_dir, "ignored.pt"))
+    finally:
+        dist.destroy_process_group()
+    _exit_worker()
+
+
+def test_ddp_leaves_neuron_state_buffers_unbroadcast_while_wrapped(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_ignore_worker, args=(1, _rendezvous(tmp_path), str(tmp_path)), nprocs=1, join=True)
+    wrapped, after_fork_unwrap, fork_after_unwrap, after_unwrap = torch.load(tmp_path / "ignored.pt")
+    assert wrapped == ["1.mem", "3.mem"]  # snnTorch's membranes; nothing else
+    assert after_fork_unwrap == wrapped and fork_after_unwrap == []  # a copy's unwrap releases its own model
+    assert after_unwrap == []
+
+
 # -- TP under torch.distributed ------------------------------------------------------------------
 def _tp_model(step_mode):
     from spikingjelly.activation_based import functional, layer, neuron

@@ -94,6 +94,18 @@ def test_multi_level_spike_counts_are_not_packed_into_a_byte():
     assert counts[True] > 1  # counts, not spikes (their 8x8 window sums pass 255)
     for a, b in zip(grads[False], grads[True]):
         assert torch.equal(a, b)
+    # a surrogate probed as a Heaviside (K=1) and then given another K is probed again
+    model = build()
+    model[1].surrogate_function.max_spike_count = 1
+    learner = slr.wrap(model, rule="sltt")
+    _zero_change_grads(model, x, y)
+    assert learner.packer.packed_bytes > 0  # 0/1 spikes: packed
+    model[1].surrogate_function.max_spike_count = 8
+    learner.packer.packed_bytes = 0
+    model.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(_zero_change_grads(model, x, y), grads[False]))
+    assert learner.packer.packed_bytes == 0
+    learner.unwrap()
 
 
 @pytest.mark.parametrize("chunk", [1, 3])

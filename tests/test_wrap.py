@@ -109,6 +109,28 @@ def test_parts_of_a_supported_neuron_are_not_look_alikes():
         learner.unwrap()
 
 
+def test_an_unsupported_neuron_inside_a_recurrent_container_is_still_named():
+    """A recurrent container is supported, but the neuron it wraps may not be: that one keeps its state."""
+    from spikingjelly.activation_based import layer
+
+    class MyLIFNeuron(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.v = 0.0
+
+        def forward(self, x):
+            self.v = self.v + x
+            spike = (self.v >= 1).float()
+            self.v = self.v - spike
+            return spike
+
+    model = sj_mlp()
+    model.append(layer.ElementWiseRecurrentContainer(MyLIFNeuron(), element_wise_function=lambda x, y: x + y))
+    with pytest.warns(UserWarning, match=r"look like spiking neurons.*MyLIFNeuron"):
+        learner = slr.wrap(model, rule="sltt")
+    learner.unwrap()
+
+
 def test_unknown_rule_lists_known():
     with pytest.raises(slr.WrapError, match="unknown rule 'bptt'.*sltt"):
         slr.wrap(sj_mlp(), rule="bptt")

@@ -111,7 +111,8 @@ def sltt_neuron_kwargs(framework: str = "spikingjelly") -> Dict[str, Any]:
     ``Leaky`` arguments (``beta = 1 - 1/tau``; snnTorch's own ``surrogate.triangular`` is another function,
     so the snnTorch neuron keeps its default surrogate). ``detach_reset=True`` as ALGORITHMS.md states;
     the authors' neuron leaves the reset attached, which changes no SLTT gradient (its membrane enters
-    the next step detached) but would a BPTT baseline's.
+    the next step detached) but would a BPTT baseline's. SpikingJelly 0.0.0.0.14's ``PiecewiseQuadratic``
+    has no CuPy code: with ``backend='cupy'`` there, pass another surrogate for runs of the whole model.
 
     Example::
 

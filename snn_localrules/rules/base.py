@@ -69,11 +69,12 @@ class Rule:
         self.install(self._hooks)
         # under DDP each process keeps its own neuron state (snnTorch's are buffers, which DDP would copy
         # from rank 0 at every forward)
-        self._hooks.on_remove(distributed.keep_neuron_state_local(self.model, self.neurons))
+        self._ddp_local_state = distributed.keep_neuron_state_local(self.model, self.neurons)
         self._wrapped = True
 
     def _remove(self) -> None:
         self._hooks.remove()
+        distributed.release_neuron_state(self.model, self.__dict__.pop("_ddp_local_state", ()))
 
     @property
     def wrapped(self) -> bool:

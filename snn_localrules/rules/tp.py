@@ -318,7 +318,7 @@ class TP(Rule):
             s = torch.rand((self.num_classes, *x_step.shape[1:]), generator=gen)
             # the whole first batch's magnitude: its first frame may be blank (an event stream's onset)
             # summed one step at a time: no temporary the size of the whole input (TP's memory is flat in T)
-            level = float(sum(x_t.detach().abs().sum(dtype=torch.float64) for x_t in x_seq)) / max(x_seq.numel(), 1)
+            level = sum(float(x_t.detach().abs().sum(dtype=torch.float32)) for x_t in x_seq) / max(x_seq.numel(), 1)
             group = distributed.model_group(self.model)
             if group is not None:  # every process must draw the same S: scale by the mean over processes
                 level = distributed.mean_over_group(level, group, x_step.device)
