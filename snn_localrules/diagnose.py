@@ -27,7 +27,14 @@ from .errors import LossError, WrapError
 from .functional.losses import StepLoss, resolve_step_loss
 from .memory import SavedBytes, storage_keys
 from .plugins import plugin_manager
-from .rules.base import OutputChoice, check_devices, check_neurons_pass_gradients, check_sequence_batch, run_in_time
+from .rules.base import (
+    OutputChoice,
+    check_devices,
+    check_neurons_pass_gradients,
+    check_sequence_batch,
+    probe_reduces_time,
+    run_in_time,
+)
 from .wrap import find_neurons, learner_of, wrap
 
 #: below this cosine similarity (in any layer) SLTT is reported as a poor approximation of BPTT. Per-layer
@@ -192,10 +199,11 @@ def _reset(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
 
 def _batch_loss(
     model: nn.Module, x_seq: torch.Tensor, y: torch.Tensor, step_loss: StepLoss, sequence_model: bool,
-    choice: OutputChoice,
+    choice: OutputChoice, per_step: bool = False,
 ) -> torch.Tensor:
-    """``(1/T) sum_t L_t(o[t], y)`` over one forward of the whole sequence, as a user's loop computes it."""
-    outputs = run_in_time(model, x_seq, sequence_model, choice)
+    """``(1/T) sum_t L_t(o[t], y)`` over one forward of the whole sequence, as a user's loop computes it
+    (``per_step``: one call per step, for a model whose forward returns a rate over time)."""
+    outputs = run_in_time(model, x_seq, sequence_model, choice, one_call_per_step=per_step)
     return sum(_step_loss(step_loss, out, y, t) for t, out in enumerate(outputs)) / len(outputs)
 
 
@@ -307,6 +315,9 @@ def diagnose(
     owns_loop = any(n.explicit_state for n in neurons)
     sequence_model = multi_step if multi_step is not None else owns_loop or any(n.multi_step for n in neurons) \
         or bool(plugin_manager().hook.slr_takes_sequences(model=model, neurons=neurons))
+    # a multi-step model whose forward returns a rate is compared on per-step calls, as online mode trains it
+    per_step = sequence_model and not owns_loop and probe_reduces_time(model, x_seq, choice,
+                                                                      lambda: _reset(model, neurons))
 
     # each trainable parameter belongs to the first module (in model order) that holds it
     groups: List[Tuple[str, nn.Module, List[torch.Tensor]]] = []
@@ -341,7 +352,7 @@ def diagnose(
     try:
         fresh_start()
         with torch.enable_grad(), SavedBytes(exclude) as bptt_saved:
-            bptt_loss = _batch_loss(model, x_seq, y, step_loss, sequence_model, choice)
+            bptt_loss = _batch_loss(model, x_seq, y, step_loss, sequence_model, choice, per_step)
         g_bptt = _gradients(bptt_loss, params)
         loss_value = float(bptt_loss.detach())
         del bptt_loss
@@ -350,7 +361,7 @@ def diagnose(
         try:
             fresh_start()
             with torch.enable_grad():
-                sltt_loss = _batch_loss(model, x_seq, y, step_loss, sequence_model, choice)
+                sltt_loss = _batch_loss(model, x_seq, y, step_loss, sequence_model, choice, per_step)
             g_sltt = _gradients(sltt_loss, params)
             del sltt_loss
             if not owns_loop:

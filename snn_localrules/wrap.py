@@ -285,5 +285,10 @@ def _check_option_names(rule: str, registry: Dict[str, type], options: Dict[str,
         )
 
 
+def _remember(model: nn.Module, learner: Any) -> None:
+    """Record ``learner`` as the one wrapping ``model`` (a deep copy of a learner wraps its model's copy)."""
+    _WRAPPED[model] = learner
+
+
 def _forget(model: nn.Module) -> None:
     _WRAPPED.pop(model, None)

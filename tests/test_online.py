@@ -365,3 +365,29 @@ def test_a_numpy_memory_of_a_users_layer_is_left_as_it_is():
     learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert math.isfinite(learner.step(torch.rand(4, 3, 12), torch.tensor([0, 1, 2])).loss)
     learner.unwrap()
+
+
+def test_diagnose_compares_a_rate_model_on_per_step_calls_as_its_sequence_twin():
+    x, y = torch.rand(4, 3, 12) * 2, torch.randint(0, 5, (3,))
+    found = []
+    for reduce in (True, False):
+        torch.manual_seed(0)
+        found.append(slr.diagnose(_Rate(reduce), x, y))
+    rate, sequence = found
+    assert rate.loss == pytest.approx(sequence.loss, rel=1e-6)
+    assert rate.cosine == pytest.approx(sequence.cosine, rel=1e-5)
+    assert [round(layer.cosine, 5) for layer in rate.layers] == [round(layer.cosine, 5) for layer in sequence.layers]
+
+
+def test_a_deep_copy_of_a_learner_is_the_learner_of_its_model_copy():
+    import copy
+
+    model = sj_mlp(step_mode="s")
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    fork = copy.deepcopy(learner)
+    assert slr.learner_of(fork.model) is fork and slr.learner_of(model) is learner
+    fork.step(torch.rand(4, 3, 12), torch.randint(0, 5, (3,)))
+    slr.unwrap(fork.model)
+    assert not fork.wrapped and learner.wrapped and slr.learner_of(fork.model) is None
+    assert all(not m._forward_pre_hooks for m in fork.model.modules())
+    learner.unwrap()

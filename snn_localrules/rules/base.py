@@ -16,7 +16,7 @@ from .. import distributed
 from ..adapter import NeuronAdapter
 from ..errors import LayoutError, WrapError
 from ..plugins import plugin_manager
-from ..wrap import ModuleHooks, _forget
+from ..wrap import ModuleHooks, _forget, _remember
 
 OutputChoice = Union[int, Callable[[Any], torch.Tensor], None]
 
@@ -60,6 +60,17 @@ class Rule:
             answer = plugin_manager().hook.slr_takes_sequences(model=self.model, neurons=self.neurons)
             self._takes_sequences = bool(answer)
         return self._takes_sequences
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "Rule":
+        """A copy that drives its own copy of the model (a fork of a training run), recorded as that
+        copy's learner, as :func:`snn_localrules.wrap` records the original (``slr.learner_of``, ``unwrap``)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        if new._wrapped:
+            _remember(new.model, new)
+        return new
 
     # -- install / remove ------------------------------------------------------------------------
     def install(self, hooks: ModuleHooks) -> None:
@@ -406,6 +417,35 @@ def _one_step(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             "batch dimension. Add the time dimension (for a static input, x.unsqueeze(0).repeat(T, 1, ...))."
         )
     return out
+
+
+@torch.no_grad()
+def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoice, reset: Callable[[], None]) -> bool:
+    """Whether a multi-step model's forward reduces its output over time (returns a rate, as Spikformer's
+    ``head(x.mean(0))``), from two calls on the first step of ``x_seq`` (once alone, once repeated over two
+    steps) in eval mode: no batch-norm statistic or dropout draw spent, torch's random state restored, the
+    neurons reset (``reset``) before each call and after. Forward hooks of the user's see the two calls; a
+    model that reduces over time only in eval mode is taken for one that always does."""
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = x_seq.device.type == "cuda"
+    rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x_seq.device) if cuda else None)
+    first = x_seq[:1]
+    model.eval()
+    outs = []
+    try:
+        for probe in (first, first.expand(2, *first.shape[1:])):
+            reset()
+            outs.append(choose_output(model(probe), choice))
+    except Exception:
+        outs = []  # a model that cannot take such a call: the real call says what is wrong
+    finally:
+        for module, training in modes:
+            module.training = training
+        torch.random.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state(rng[1], x_seq.device)
+        reset()
+    return len(outs) == 2 and reduces_time(outs[0], outs[1], x_seq.shape[1])
 
 
 def reduces_time(one: torch.Tensor, two: torch.Tensor, batch: int) -> bool:

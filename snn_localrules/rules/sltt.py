@@ -36,11 +36,10 @@ from .base import (
     check_clip_grad_norm,
     check_precision,
     check_sequence_batch,
-    choose_output,
     contiguous_runs,
     guarded_step,
     optimizer_step,
-    reduces_time,
+    probe_reduces_time,
     run_in_time,
 )
 
@@ -682,36 +681,12 @@ class SLTT(Rule):
             self.reset_state()
         return torch.stack(outs).sum(0).argmax(-1)
 
-    @torch.no_grad()
     def _learn_time_layout(self, x_seq: torch.Tensor, sequence_model: bool) -> None:
-        """Once, for a multi-step model: whether its forward reduces the output over time (returns a rate,
-        as Spikformer's ``head(x.mean(0))``), from two calls on the first step (once alone, once repeated
-        over two steps) in eval mode: no batch-norm statistic or dropout draw spent, torch's random state
-        restored, the neurons reset after (forward hooks of your own see the two calls). Such a model is
-        then called one step at a time wherever a learner needs per-step outputs (chunks, SLTT-K's
-        forward-only steps, predict)."""
-        if not sequence_model or self._reduces_time is not None:
-            return
-        modes = [(m, m.training) for m in self.model.modules()]
-        cuda = x_seq.device.type == "cuda"
-        rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x_seq.device) if cuda else None)
-        first = x_seq[:1]
-        self.model.eval()
-        outs = []
-        try:
-            for probe in (first, first.expand(2, *first.shape[1:])):
-                self.reset_state()
-                outs.append(choose_output(self.model(probe), self.output))
-        except Exception:
-            outs = []  # a model that cannot take such a call: the step itself says what is wrong
-        finally:
-            for module, training in modes:
-                module.training = training
-            torch.random.set_rng_state(rng[0])
-            if cuda:
-                torch.cuda.set_rng_state(rng[1], x_seq.device)
-            self.reset_state()
-        self._reduces_time = len(outs) == 2 and reduces_time(outs[0], outs[1], x_seq.shape[1])
+        """Once, for a multi-step model: whether its forward reduces the output over time
+        (:func:`~snn_localrules.rules.base.probe_reduces_time`). Such a model is then called one step at a
+        time wherever a learner needs per-step outputs (chunks, SLTT-K's forward-only steps, predict)."""
+        if sequence_model and self._reduces_time is None:
+            self._reduces_time = probe_reduces_time(self.model, x_seq, self.output, self.reset_state)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
