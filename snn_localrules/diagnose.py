@@ -29,11 +29,15 @@ from .memory import SavedBytes, storage_keys
 from .plugins import plugin_manager
 from .rules.base import (
     OutputChoice,
+    buffer_copies,
     check_devices,
     check_neurons_pass_gradients,
     check_sequence_batch,
     probe_reduces_time,
+    restore_buffers,
+    rng_states,
     run_in_time,
+    set_rng_states,
 )
 from .wrap import find_neurons, learner_of, wrap
 
@@ -240,17 +244,6 @@ def _compare(bptt: List[torch.Tensor], sltt: List[torch.Tensor]) -> Tuple[float,
     return float(a @ b) / (na * nb), nb / na, na, nb
 
 
-def _rng_states(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_states(states: Tuple[torch.Tensor, Optional[torch.Tensor]], device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)
-
-
 def diagnose(
     model: nn.Module,
     x_seq: torch.Tensor,
@@ -333,20 +326,14 @@ def diagnose(
             "the model has no trainable parameter (all requires_grad=False): there is no gradient to compare."
         )
 
-    buffers = [(m, n, b, b.detach().clone()) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+    buffers = buffer_copies(model)
     exclude = storage_keys([x_seq, *model.parameters(), *(b for _, _, b, _ in buffers)])
-    rng = _rng_states(x_seq.device)
-
-    def restore_buffers() -> None:
-        with torch.no_grad():
-            for module, name, original, copy in buffers:
-                module._buffers[name] = original
-                original.copy_(copy)
+    rng = rng_states(x_seq.device)
 
     def fresh_start() -> None:
-        restore_buffers()  # BN running statistics as before the call, so both passes start alike
+        restore_buffers(buffers)  # BN running statistics as before the call, so both passes start alike
         _reset(model, neurons)
-        _set_rng_states(rng, x_seq.device)
+        set_rng_states(rng, x_seq.device)
 
     step_bytes: Optional[int] = None
     try:
@@ -371,9 +358,7 @@ def diagnose(
         finally:
             learner.unwrap()
     finally:
-        restore_buffers()
-        _reset(model, neurons)
-        _set_rng_states(rng, x_seq.device)
+        fresh_start()  # the model, its buffers and torch's random state as the caller left them
 
     layers = []
     for (name, module, own) in groups:

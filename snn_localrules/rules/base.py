@@ -7,7 +7,7 @@ import copy
 import functools
 import math
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -419,6 +419,38 @@ def _one_step(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+RngStates = Tuple[torch.Tensor, Optional[torch.Tensor]]
+BufferCopies = List[Tuple[nn.Module, str, torch.Tensor, torch.Tensor]]
+
+
+def rng_states(device: torch.device) -> RngStates:
+    """torch's random state on the CPU, and on ``device`` when it is a CUDA device, for :func:`set_rng_states`."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_states(states: RngStates, device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def buffer_copies(model: nn.Module, skip: Iterable[Tuple[int, str]] = ()) -> BufferCopies:
+    """``(module, name, buffer, copy of its values)`` for every buffer of ``model`` but those named in
+    ``skip`` (``(id(module), name)``), for :func:`restore_buffers`."""
+    skip = set(skip)
+    return [(module, name, value, value.detach().clone()) for module in model.modules()
+            for name, value in module._buffers.items() if value is not None and (id(module), name) not in skip]
+
+
+def restore_buffers(copies: BufferCopies) -> None:
+    """Put every buffer back, the same tensor with its old values (batch-norm statistics, counters)."""
+    with torch.no_grad():
+        for module, name, value, kept in copies:
+            module._buffers[name] = value
+            value.copy_(kept)
+
+
 @torch.no_grad()
 def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoice, reset: Callable[[], None]) -> bool:
     """Whether a multi-step model's forward reduces its output over time (returns a rate, as Spikformer's
@@ -427,8 +459,7 @@ def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoi
     neurons reset (``reset``) before each call and after. Forward hooks of the user's see the two calls; a
     model that reduces over time only in eval mode is taken for one that always does."""
     modes = [(m, m.training) for m in model.modules()]
-    cuda = x_seq.device.type == "cuda"
-    rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x_seq.device) if cuda else None)
+    rng = rng_states(x_seq.device)
     first = x_seq[:1]
     model.eval()
     outs = []
@@ -441,9 +472,7 @@ def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoi
     finally:
         for module, training in modes:
             module.training = training
-        torch.random.set_rng_state(rng[0])
-        if cuda:
-            torch.cuda.set_rng_state(rng[1], x_seq.device)
+        set_rng_states(rng, x_seq.device)
         reset()
     return len(outs) == 2 and reduces_time(outs[0], outs[1], x_seq.shape[1])
 
@@ -636,22 +665,13 @@ def guarded_step(finite_input: bool = False, restore: Sequence[str] = ()) -> Cal
             check_neurons_pass_gradients(self.model, self.neurons)
             if finite_input:
                 check_finite_input(x_seq)
-            skip = _state_buffers(self.neurons)
-            buffers = [
-                (module, name, value, value.detach().clone())
-                for module in self.model.modules()
-                for name, value in module._buffers.items()
-                if value is not None and (id(module), name) not in skip
-            ]
+            buffers = buffer_copies(self.model, skip=_state_buffers(self.neurons))
             saved = {name: getattr(self, name) for name in restore}
             self._stepping = True
             try:
                 return step(self, x_seq, y, *args, **kwargs)
             except BaseException:
-                with torch.no_grad():
-                    for module, name, value, kept in buffers:
-                        module._buffers[name] = value
-                        value.copy_(kept)
+                restore_buffers(buffers)
                 for name, value in saved.items():
                     setattr(self, name, value)
                 raise

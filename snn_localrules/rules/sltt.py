@@ -31,6 +31,7 @@ from .base import (
     all_finite,
     autocast_context,
     backward,
+    buffer_copies,
     check_optimizer,
     check_chunk,
     check_clip_grad_norm,
@@ -40,7 +41,10 @@ from .base import (
     guarded_step,
     optimizer_step,
     probe_reduces_time,
+    restore_buffers,
+    rng_states,
     run_in_time,
+    set_rng_states,
 )
 
 
@@ -587,14 +591,12 @@ class SLTT(Rule):
         in a forward and backward of the batch's first step that is then undone (gradients, buffers such
         as batch-norm statistics, neuron state, random state), so that the first batch, too, runs in
         chunks of the size found: the same updates as ``chunk=`` that size."""
-        buffers = [(module, name, value, value.detach().clone()) for module in self.model.modules()
-                   for name, value in module._buffers.items() if value is not None]
+        buffers = buffer_copies(self.model)
         # every parameter's .grad aside (the optimizer's and any other's): the pass makes new ones
         grads = [(p, p.grad) for p in self.model.parameters()]
         for p, _ in grads:
             p.grad = None
-        cuda = x_seq.device.type == "cuda"
-        rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x_seq.device) if cuda else None)
+        rng = rng_states(x_seq.device)
         self.reset_state()
         saved = self._saved_bytes(x_seq)
         try:
@@ -603,13 +605,8 @@ class SLTT(Rule):
             self.optimizer.zero_grad(set_to_none=True)
             for p, grad in grads:
                 p.grad = grad
-            with torch.no_grad():
-                for module, name, value, kept in buffers:
-                    module._buffers[name] = value
-                    value.copy_(kept)
-            torch.random.set_rng_state(rng[0])
-            if cuda:
-                torch.cuda.set_rng_state(rng[1], x_seq.device)
+            restore_buffers(buffers)
+            set_rng_states(rng, x_seq.device)
             self.reset_state()
         self.step_bytes = saved.total
         self.chunk_size = self._auto_chunk(saved.total, x_seq)
