@@ -141,14 +141,28 @@ def test_time_bins_and_to_frames():
     b, keep = time_bins(t, 2, duration=100)
     assert b.tolist() == [0, 1] and keep.tolist() == [True, True, False]
     assert time_bins(np.arange(10), 5, split_by="number")[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    # SpikingJelly's grouping: n // T events a group, the remainder in the last; the same window as "time"
+    assert time_bins(np.arange(10), 4, split_by="number")[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert time_bins(np.arange(3), 4, split_by="number")[0].tolist() == [3, 3, 3]
+    b, keep = time_bins(np.array([5, 1, 9, 3, 7]), 2, t_start=2, duration=6, split_by="number")
+    assert keep.tolist() == [True, False, False, True, True] and b.tolist() == [1, 0, 1]
     ev = {"x": np.array([0, 3, 3, 2]), "y": np.array([1, 0, 0, 3]), "t": np.array([0, 10, 11, 39]),
           "p": np.array([1, 0, 0, 1])}
     fr = to_frames(ev, 4, 4)
     assert torch.equal(fr, expected_frames(ev["x"], ev["y"], ev["p"], [0, 1, 1, 3], 4, 4, 4))
     fr2 = to_frames(ev, 4, 2, sensor_size=4)
     assert torch.equal(fr2, expected_frames(ev["x"], ev["y"], ev["p"], [0, 1, 1, 3], 4, 2, 2, scale=2))
-    fr3 = to_frames(ev, 4, 3, sensor_size=4)  # not an integer factor: area resize keeps about the total
-    assert fr3.shape == (4, 2, 3, 3) and abs(fr3.sum().item() - 4) < 2
+    fr3 = to_frames(ev, 4, 3, sensor_size=4)  # not an integer factor: area resampling
+    assert fr3.shape == (4, 2, 3, 3)
+    # every event counts once, shared by overlap: of 4 sensor rows laid over 3, row 1 spans [0.75, 1.5),
+    # a third in output row 0 and two thirds in row 1; column 0 spans [0, 0.75), all in output column 0
+    assert abs(fr3.sum().item() - 4) < 1e-6
+    want = torch.tensor([[1 / 3, 0, 0], [2 / 3, 0, 0], [0, 0, 0]])
+    assert torch.allclose(fr3[0, 1], want, atol=1e-7) and fr3[0, 0].sum() == 0
+    one = {"x": np.array([5]), "y": np.array([2]), "t": np.array([0]), "p": np.array([1])}
+    for x in range(128):  # 128 -> 48: each pixel's event sums to exactly one
+        one["x"][0] = x
+        assert abs(to_frames(one, 1, 48, sensor_size=128).sum().item() - 1) < 1e-5
     assert to_frames({k: v[:0] for k, v in ev.items()}, 3, 4).sum() == 0
 
 
@@ -204,7 +218,16 @@ def test_nmnist_reader_and_dataset(tmp_path):
     cached = NMNIST(str(tmp_path), train=False, T=5, cache_dir=str(tmp_path / "cache"))
     first = cached[0][0]
     files = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs]
-    assert files == ["0.pt"] and torch.equal(cached[0][0], first) and torch.equal(first, test[0][0])
+    assert len(files) == 1 and torch.equal(cached[0][0], first) and torch.equal(first, test[0][0])
+    # a file added to the set moves the others' indices: each is still served its own frames
+    train = NMNIST(str(tmp_path), train=True, T=5, cache_dir=str(tmp_path / "cache"))
+    seen = [train[i][0] for i in range(len(train))]
+    os.makedirs(tmp_path / "Train" / "5", exist_ok=True)
+    write_nmnist(tmp_path / "Train" / "5" / "00004.bin", [1, 2], [3, 4], [0, 1], [0, 10])
+    again = NMNIST(str(tmp_path), train=True, T=5, cache_dir=str(tmp_path / "cache"))
+    plain = NMNIST(str(tmp_path), train=True, T=5)
+    assert again.targets == [3, 5, 7] and torch.equal(again[2][0], seen[1])
+    assert all(torch.equal(again[i][0], plain[i][0]) for i in range(3))
 
 
 def test_nmnist_overflow_marker(tmp_path):

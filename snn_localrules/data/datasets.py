@@ -267,8 +267,10 @@ class EventDataset(Dataset):
     """Base class: ``(frames, label)`` per sample, frames binned on access.
 
     Subclasses set ``self.targets`` (list of int) and implement :meth:`events` and :meth:`frames`.
-    ``cache_dir`` (optional) keeps each sample's frames as ``<cache_dir>/<name>_<hash>/<i>.pt`` after the
-    first access; nothing is written to disk without it.
+    ``cache_dir`` (optional) keeps each sample's frames as ``<cache_dir>/<name>_<hash>/<id>.pt`` after the
+    first access, where ``hash`` names the binning settings and ``id`` the sample's source (its file, size,
+    modification time, and the sample's place in it), so that a changed file or file list is never served
+    another sample's frames; nothing is written to disk without it.
     """
 
     sensor_size: Tuple[int, int] = (0, 0)
@@ -310,12 +312,20 @@ class EventDataset(Dataset):
     def _cache_key(self) -> dict:
         return {"T": self.T, "duration": self.duration, "split_by": self.split_by}
 
+    def _source(self, i: int) -> Tuple[str, Any]:
+        """Sample ``i``'s file and its place in that file (``None``: the whole file)."""
+        return self.files[i], None
+
     def _cache_file(self, i: int) -> Optional[str]:
         if self.cache_dir is None:
             return None
         key = dict(self._cache_key(), cls=type(self).__name__)
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        return os.path.join(os.path.expanduser(self.cache_dir), f"{type(self).__name__}_{digest}", f"{i}.pt")
+        path, place = self._source(i)
+        stat = os.stat(path)
+        source = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns, place]
+        sample = hashlib.sha1(json.dumps(source, default=str).encode()).hexdigest()[:16]
+        return os.path.join(os.path.expanduser(self.cache_dir), f"{type(self).__name__}_{digest}", f"{sample}.pt")
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, Any]:
         if i < 0:
@@ -348,9 +358,7 @@ class _CameraDataset(EventDataset):
 
     def _cache_key(self) -> dict:
         return dict(
-            super()._cache_key(), size=self.size, root=getattr(self, "root", None),
-            train=getattr(self, "train", None), extra=getattr(self, "_split_key", None),
-        )
+            super()._cache_key(), size=self.size)
 
     def _bin(self, ev: np.ndarray, t_start=None, duration=None) -> torch.Tensor:
         return to_frames(
@@ -427,7 +435,7 @@ class SHD(EventDataset):
     LAYOUT = "  <root>/shd_train.h5\n  <root>/shd_test.h5"
     SOURCE = (
         "https://zenkelab.org/resources/spiking-heidelberg-datasets-shd/ "
-        "(shd_train.h5.gz, shd_test.h5.gz; gunzip them)"
+        "(shd_train.h5 and shd_test.h5, each packed as .zip or .gz: unpack them)"
     )
 
     def __init__(
@@ -461,7 +469,10 @@ class SHD(EventDataset):
             raise ValueError(f"{self.path}: spikes/times, spikes/units and labels differ in length")
 
     def _cache_key(self) -> dict:
-        return dict(super()._cache_key(), path=self.path, n_units=self.n_units)
+        return dict(super()._cache_key(), n_units=self.n_units)
+
+    def _source(self, i: int) -> Tuple[str, Any]:
+        return self.path, i
 
     def events(self, i: int) -> np.ndarray:
         """Spikes of sample ``i`` as a structured array with fields ``t`` (seconds) and ``unit``."""
@@ -555,6 +566,10 @@ class DVSGesture(_CameraDataset):
             self._file_cache.popitem(last=False)
         return ev
 
+    def _source(self, i: int) -> Tuple[str, Any]:
+        path, start, end = self.samples[i]
+        return path, (start, end)
+
     def events(self, i: int) -> np.ndarray:
         path, start, end = self.samples[i]
         ev = self._file_events(path)
@@ -575,7 +590,7 @@ class CIFAR10DVS(_CameraDataset):
     ship truck`` (the unzipped per-class archives; ``root`` may also contain ``CIFAR10-DVS/``).
 
     :param size: output ``H = W``; default 128; ``48`` for the VGG-9 setting (128 -> 48 is not an integer
-        factor, so the full-resolution counts are area-resized, keeping the total count approximately).
+        factor, so the full-resolution counts are area-resampled: each event counts once, the total is kept).
     :param convention: address decoding, see :func:`read_aedat2` (default ``"jaer"``).
     :return item: ``(frames [T, 2, size, size] float32, label int 0..9)``.
     """
@@ -609,7 +624,6 @@ class CIFAR10DVS(_CameraDataset):
                     break
         self.root = root
         self.train = train
-        self._split_key = train_fraction
         self.convention = convention
         self.files: List[str] = []
         missing = []
@@ -642,7 +656,7 @@ class CIFAR10DVS(_CameraDataset):
             )
 
     def _cache_key(self) -> dict:
-        return dict(super()._cache_key(), convention=self.convention, n=len(self.files))
+        return dict(super()._cache_key(), convention=self.convention)
 
     def events(self, i: int) -> np.ndarray:
         return read_aedat2(self.files[i], self.convention)

@@ -293,22 +293,30 @@ def time_bins(
     ``split_by="time"``: ``T`` equal windows. With ``duration=None`` they span ``[t_start, t_last]`` (both
     included; ``t_start`` defaults to the first event); with a ``duration`` they are
     ``[t_start + k d, t_start + (k+1) d)``, ``d = duration / T``, and events outside are dropped.
-    Integer timestamps are binned in exact integer arithmetic. ``split_by="number"``: ``T`` groups of
-    (nearly) equal event counts in time order, as SpikingJelly's ``split_by='number'``.
+    Integer timestamps are binned in exact integer arithmetic. ``split_by="number"``: the events of the same
+    window (from ``t_start``, within ``duration`` when given) in time order, split as SpikingJelly's
+    ``split_by='number'`` does: ``T`` groups of ``n // T`` events, the last one also taking the remainder
+    (all of them when there are fewer than ``T``).
     """
     t = np.asarray(t)
     n = len(t)
-    if split_by == "number":
-        if n == 0:
-            return np.zeros(0, np.int64), np.zeros(0, bool)
-        order = np.argsort(t, kind="stable")
-        bins = np.empty(n, np.int64)
-        bins[order] = (np.arange(n, dtype=np.int64) * T) // n
-        return bins, np.ones(n, bool)
-    if split_by != "time":
+    if split_by not in ("time", "number"):
         raise ValueError(f"split_by must be 'time' or 'number', got {split_by!r}")
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, bool)
+    if split_by == "number":
+        keep = np.ones(n, bool)
+        if t_start is not None:
+            keep &= t >= t_start
+        if duration is not None:
+            keep &= t < (t.min() if t_start is None else t_start) + duration
+        kept = int(keep.sum())
+        order = np.argsort(t[keep], kind="stable")
+        per_group = kept // T
+        rank = np.arange(kept, dtype=np.int64)
+        bins = np.empty(kept, np.int64)
+        bins[order] = np.minimum(rank // per_group, T - 1) if per_group else T - 1
+        return bins, keep
     integer = np.issubdtype(t.dtype, np.integer)
     t0 = t.min() if t_start is None else t_start
     if duration is None:
@@ -348,9 +356,10 @@ def to_frames(
         / object with those four arrays. ``p`` is 0 (OFF, channel 0) or 1 (ON, channel 1).
     :param size: output ``H`` (= ``W``) or ``(H, W)``; defaults to ``sensor_size``.
     :param sensor_size: the sensor's ``(H, W)``; defaults to ``size``, or to the largest coordinates + 1.
-        If it differs from ``size`` the frames are downsampled: by exact pixel binning (sums of
-        ``k x k`` blocks) where the sensor size is a multiple of ``size``, otherwise by area resizing of the
-        full-resolution frames, scaled to keep the total count (approximately, e.g. 128 -> 48).
+        If it differs from ``size`` the frames are resampled: by exact pixel binning (sums of ``k x k``
+        blocks) where the sensor size is a multiple of ``size``, otherwise by conservative area resampling
+        (e.g. 128 -> 48): each sensor pixel's count is shared among the output pixels its area overlaps, in
+        proportion to the overlap, so every event counts once and the total count is kept.
     :param t_start, duration, split_by: time binning, see :func:`time_bins`.
     """
     x = _field(events, "x").astype(np.int64)
@@ -376,8 +385,18 @@ def to_frames(
     counts = np.bincount(flat, minlength=T * 2 * hh * ww).astype(np.float32)
     frames = torch.from_numpy(counts).view(T, 2, hh, ww)
     if area:
-        frames = F.adaptive_avg_pool2d(frames, (oh, ow)) * (sh * sw / (oh * ow))
+        rows, cols = _area_weights(sh, oh), _area_weights(sw, ow)
+        frames = torch.einsum("hy,tcyx,wx->tchw", rows, frames.double(), cols)
     return frames.to(dtype)
+
+
+def _area_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """``[n_out, n_in]``: the share of input pixel ``j`` that falls in output pixel ``i`` when ``n_in``
+    pixels are laid over ``n_out`` (each column sums to 1)."""
+    edges = np.arange(n_in + 1, dtype=np.float64) * n_out / n_in  # input pixel edges, in output pixels
+    out = np.arange(n_out, dtype=np.float64)[:, None]
+    overlap = np.minimum(edges[None, 1:], out + 1) - np.maximum(edges[None, :-1], out)
+    return torch.from_numpy(np.clip(overlap, 0.0, None) * n_in / n_out)
 
 
 # --------------------------------------------------------------------------------------------------------
