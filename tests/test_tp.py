@@ -119,6 +119,43 @@ def test_tp_step_matches_hand_written_reference(step_mode):
     assert W1.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_tp_step_through_a_recurrent_container_feeds_back_spikes(step_mode):
+    """The last hidden layer inside SpikingJelly's LinearRecurrentContainer: the readout gets its trace,
+    and the container feeds back its spikes s[t-1] (it kept the trace before, which then also charged the
+    next step). Hand-written reference, T=3, lr=0: the last step's gradients, the recurrent block's too."""
+    torch.manual_seed(0)
+    lif = neuron.LIFNode(tau=2.0, decay_input=False, v_reset=None, surrogate_function=surrogate.ATan())
+    model = nn.Sequential(
+        layer.Linear(12, 16, step_mode=step_mode),
+        layer.LinearRecurrentContainer(lif, 16, 16, bias=False, step_mode=step_mode),
+        layer.Linear(16, 4, step_mode=step_mode),
+    )
+    x = torch.rand(3, 6, 12) * 3
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                       num_classes=4, trace_decay=0.7, seed=5)
+    learner.step(x, y)
+    S = learner.projection
+    learner.unwrap()
+
+    W1, b1, R, W2, b2 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    lam = 1 - 1 / 2.0
+    v, fed_back, trace = torch.zeros(12, 16), torch.zeros(12, 16), None
+    for t in range(3):
+        h = lam * v.detach() + torch.cat([torch.cat([x[t], S[y]]) @ W1.t() + b1, fed_back], 1) @ R.t()
+        s = ATanSpike.apply(h - 1.0)
+        v, fed_back = h - s, s.detach()
+        trace = s if trace is None else 0.7 * trace.detach() + s
+    assert 0 < fed_back.mean() < 1  # spikes were fed back
+    loss_layer = contrastive_trace_loss(trace[:6], trace[6:], label_soft_targets(y))
+    out = trace.detach() @ W2.t() + b2
+    (loss_layer + F.cross_entropy(out[:6], y)).backward()
+    for p, ref in zip(model.parameters(), (W1, b1, R, W2, b2)):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-7)
+    assert R.grad[:, 16:].abs().sum() > 0
+
+
 def test_locality_layer_update_independent_of_layers_above():
     """Changing layer 2's weights does not change layer 1's update on the same batch."""
     x = torch.rand(4, 8, 12) * 3

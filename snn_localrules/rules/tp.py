@@ -113,13 +113,35 @@ def _output_hook(index: int):
         # the small contributions of old spikes
         trace = update_trace(traces.get(index), _at_least_float32(step_spikes), learner.trace_decay)
         traces[index] = trace
-        passed = trace.to(step_spikes.dtype) if learner._is_last_hidden(index) else step_spikes
-        passed = passed.detach()
-        if time_dim:
-            passed = passed.unsqueeze(0)
-        if isinstance(output, (tuple, list)):
-            return type(output)([passed, *output[1:]])
-        return passed
+        # inside a recurrent container the container passes the trace on (below): what the neuron
+        # returns is also what the container feeds back at the next step, which must stay its spikes
+        to_readout = learner._is_last_hidden(index) and index not in learner._passed_by_container
+        passed = trace.to(step_spikes.dtype) if to_readout else step_spikes
+        return _replace_output(output, passed.detach(), time_dim)
+
+    return hook
+
+
+def _replace_output(output: Any, passed: torch.Tensor, time_dim: bool) -> Any:
+    if time_dim:
+        passed = passed.unsqueeze(0)
+    if isinstance(output, (tuple, list)):
+        return type(output)([passed, *output[1:]])
+    return passed
+
+
+def _container_hook(container: int, index: int):
+    """The forward hook of a recurrent container around the last hidden layer's neuron ``index``: the
+    readout gets the neuron's trace from the container, after the container kept the neuron's spikes
+    as the output it feeds back."""
+    def hook(module: nn.Module, args: tuple, output: Any):
+        learner = _DRIVING.get()
+        if learner is None or learner.neurons[container].module is not module or not learner._is_last_hidden(index):
+            return None
+        traces = learner._label_traces if learner._label_pass else learner._traces
+        step = output[0] if isinstance(output, (tuple, list)) else output
+        trace = traces[index]
+        return _replace_output(output, trace.to(step.dtype).detach(), learner.neurons[container].multi_step)
 
     return hook
 
@@ -301,6 +323,25 @@ class TP(Rule):
         for index, neuron in enumerate(self.neurons):
             if neuron.is_layer:
                 hooks.forward_hook(neuron.module, _output_hook(index))
+        self._passed_by_container = self._outer_containers()
+        for index, container in self._passed_by_container.items():
+            hooks.forward_hook(self.neurons[container].module, _container_hook(container, index))
+
+    def _outer_containers(self) -> Dict[int, int]:
+        """``{neuron: container}`` for each neuron layer inside modules that carry state but are no layer
+        of their own (recurrent containers): the outermost of them, whose output the next layer gets."""
+        def inside(inner: nn.Module, outer: nn.Module) -> bool:
+            return inner is not outer and any(m is inner for m in outer.modules())
+
+        containers = [c for c, n in enumerate(self.neurons) if not n.is_layer]
+        pairs: Dict[int, int] = {}
+        for index, neuron in enumerate(self.neurons):
+            around = [c for c in containers if neuron.is_layer and inside(neuron.module, self.neurons[c].module)]
+            outer = [c for c in around if not any(inside(self.neurons[c].module, self.neurons[o].module)
+                                                  for o in around)]
+            if outer:
+                pairs[index] = outer[0]
+        return pairs
 
     def _is_readout_neuron(self, index: int) -> bool:
         return self.neuron_output and self._order is not None and index == self._order[-1]
