@@ -189,7 +189,17 @@ class SpikingJellyNeuron(NeuronAdapter):
         return getattr(self.module, "step_mode", "s") == "m"
 
     def single_step(self, x: torch.Tensor, *args, **kwargs) -> Any:
-        return type(self.module).single_step_forward(self.module, x, *args, **kwargs)
+        cls = type(self.module)
+        if not _forward_dispatches(cls):
+            # the class's own forward adds to the step (MPBNLIFNode writes its membrane batch norm's
+            # statistics back there; a user's subclass may scale the input): run it, in single-step mode
+            module, mode = self.module, self.module.step_mode
+            module.step_mode = "s"
+            try:
+                return cls.forward(module, x, *args, **kwargs)
+            finally:
+                module.step_mode = mode
+        return cls.single_step_forward(self.module, x, *args, **kwargs)
 
     def own_forward(self, x: torch.Tensor, *args, **kwargs) -> Any:
         # A multi-step call whose backend is CuPy's, where CuPy cannot run (a CPU tensor, or no CuPy: a
@@ -213,16 +223,23 @@ class SpikingJellyNeuron(NeuronAdapter):
         return bool(getattr(self.module, "store_v_seq", False))
 
     def run_steps(self, x_seq: torch.Tensor, before_step) -> torch.Tensor:
-        # keep the ``v_seq`` [T, N, *] contract of the neuron's own multi-step call when it is stepped
+        _check_steppable(self.module)
+        # keep the ``v_seq`` [T, N, *] contract of the neuron's own multi-step call when it is stepped, and
+        # ComplementaryLIFNode's ``state_seqs`` (each memory's sequence) where it stores them
         keep_v = self._keeps_v_seq()
-        outputs, voltages = [], []
+        keep_states = bool(getattr(self.module, "store_state_seqs", False))
+        outputs, voltages, states = [], [], []
         for x in x_seq:
             before_step()
             outputs.append(self.single_step(x))
             if keep_v:
                 voltages.append(self.module.v)
+            if keep_states:
+                states.append(tuple(self.module._memories.values()))
         if keep_v:
             self.module.v_seq = stack_steps(voltages)
+        if keep_states:
+            self.module.state_seqs = [stack_steps(list(seq)) for seq in zip(*states)]
         return stack_steps(outputs)
 
     def fused_sltt_multi_step(self, x_seq: torch.Tensor) -> Optional[torch.Tensor]:
@@ -259,6 +276,40 @@ class SpikingJellyNeuron(NeuronAdapter):
         if callable(materialize):  # before 2.0 only store_v_seq makes v_seq, and then nothing is fused
             module.v_seq = v_seq  # None without store_v_seq, as SpikingJelly's own multi-step forward sets it
         return spikes
+
+
+def _defined_by(cls: type, name: str) -> Optional[type]:
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_dispatches(cls: type) -> bool:
+    """Whether ``cls.forward`` is SpikingJelly's ``MemoryModule.forward``, which only dispatches on the step
+    mode; if it is another, stepping runs it (in single-step mode) rather than ``single_step_forward``."""
+    owner = _defined_by(cls, "forward")
+    return owner is not None and owner.__name__ == "MemoryModule" and owner.__module__ in (_BASE, _LEGACY_BASE)
+
+
+def _check_steppable(module: nn.Module) -> None:
+    own = _own_multi_step(type(module))
+    if own is not None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} defines its own {own}, which snn-localrules would skip: it runs a "
+            "multi-step call one time step at a time through the class's single-step forward, to cut the "
+            "state between steps. Put what it adds in single_step_forward or forward, or run the model in "
+            "single-step mode (functional.set_step_mode(model, 's')) and loop over time."
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _own_multi_step(cls: type) -> Optional[str]:
+    """The name of a multi-step method that a class outside SpikingJelly defines (a user's subclass that
+    computes its multi-step call its own way, which stepping would skip), else None."""
+    for name in ("multi_step_forward", "multi_step_functional_forward"):
+        owner = _defined_by(cls, name)
+        if owner is not None and not owner.__module__.startswith("spikingjelly."):
+            return name
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -496,8 +547,8 @@ def _why_not_cut(module: nn.Module, base: Any) -> Optional[str]:
         return None
     if isinstance(module, base.MemoryModule):
         if not _steps_alone(type(module), base):
-            return ("it runs only in multi-step mode: it has no single-step forward (GatedLIFNode indexes its "
-                    "parameters by time step), so its state cannot be cut between steps")
+            return ("it runs only in multi-step mode: it has no single-step forward (it computes over all the "
+                    "time steps of a call together), so nothing can be cut between steps")
         memories = getattr(module, "_memories", None)
         kept = ", ".join(memories) if isinstance(memories, dict) and memories else "no registered memory"
         return f"it keeps its state in {kept}, not in a membrane v"
@@ -537,6 +588,8 @@ def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
                 "IzhikevichNode, ...; slr.neurons() lists them), or train this model with plain BPTT."
             )
         if _is_neuron(module, base) and _steps_alone(type(module), base):
+            if getattr(module, "step_mode", "s") == "m":
+                _check_steppable(module)
             return SpikingJellyNeuron(module)
         if _is_recurrent_container(module, base):
             return SpikingJellyRecurrentContainer(module)

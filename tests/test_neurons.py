@@ -199,6 +199,91 @@ def test_spikingjelly_store_v_seq_multi_step():
     learner.unwrap()
 
 
+class _DoubledInputLIF(neuron.LIFNode):
+    """A user's subclass whose forward changes the input: it runs in both step modes."""
+
+    def forward(self, x):
+        return super().forward(2 * x)
+
+
+class _OwnMultiStepLIF(neuron.LIFNode):
+    """A user's subclass that computes its multi-step call its own way (stepping would skip it)."""
+
+    def multi_step_forward(self, x_seq):
+        return super().multi_step_forward(3 * x_seq)
+
+
+def _multi_step_twin(make):
+    """The same network built for step modes 's' and 'm' (same weights)."""
+    single = _sj_net(make, "s")
+    multi = copy.deepcopy(single)
+    functional.set_step_mode(multi, "m")
+    return single, multi
+
+
+def _mpbn_maker():
+    widths = iter([16, 5])  # _sj_net's two neuron layers
+    return lambda: neuron.MPBNLIFNode(out_features=next(widths), surrogate_function=surrogate.ATan())
+
+
+_OWN_FORWARDS = {"subclass": lambda: _DoubledInputLIF}
+if hasattr(neuron, "MPBNLIFNode"):
+    _OWN_FORWARDS["MPBNLIFNode"] = _mpbn_maker
+
+
+@pytest.mark.parametrize("kind", _OWN_FORWARDS)
+@pytest.mark.parametrize("online", [False, True])
+def test_a_neuron_class_forward_runs_when_a_multi_step_call_is_stepped(kind, online):
+    """Stepping a multi-step call runs the class's own forward: a subclass's (the input doubled) and
+    SpikingJelly's MPBNLIFNode's, which writes its membrane batch norm's statistics back there. Same
+    gradient as the user's single-step loop with the state cut by hand; same statistics as unwrapped."""
+    single, multi = _multi_step_twin(_OWN_FORWARDS[kind]())
+    plain = copy.deepcopy(multi)
+    x, y = torch.rand(T, B, 12) * 3, torch.randint(0, 5, (B,))
+    ref = _sj_reference_single(single, x, y)
+    expected_out = plain(x)
+    if online:
+        learner = slr.wrap(multi, rule="sltt", optimizer=torch.optim.SGD(multi.parameters(), lr=0.0))
+        learner.step(x, y)
+    else:
+        learner = slr.wrap(multi, rule="sltt")
+        out = multi(x)
+        torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+        (sum(F.cross_entropy(out[t], y) for t in range(T)) / T).backward()
+    learner.unwrap()
+    _close(multi, ref)
+    torch.testing.assert_close(dict(multi.named_buffers()), dict(plain.named_buffers()))
+
+
+def test_a_neuron_with_its_own_multi_step_computation_is_refused_in_multi_step_mode():
+    single, multi = _multi_step_twin(_OwnMultiStepLIF)
+    before = copy.deepcopy(multi.state_dict())
+    with pytest.raises(slr.UnsupportedModelError, match=r"_OwnMultiStepLIF defines its own multi_step_forward.*"
+                                                         r"single-step mode"):
+        slr.wrap(multi, rule="sltt")
+    assert all(torch.equal(v, before[k]) for k, v in multi.state_dict().items())
+    assert not any("forward" in vars(m) for m in multi.modules())
+    learner = slr.wrap(single, rule="sltt")  # single-step: its own multi-step form is never used
+    functional.set_step_mode(single, "m")  # switched after wrapping: refused at the call
+    with pytest.raises(slr.UnsupportedModelError, match="defines its own multi_step_forward"):
+        single(torch.rand(T, B, 12))
+    learner.unwrap()
+
+
+@pytest.mark.skipif(not hasattr(neuron, "ComplementaryLIFNode"), reason="SpikingJelly 2.x neuron")
+def test_complementary_lif_state_seqs_are_kept_when_stepped():
+    model = _sj_net(lambda: neuron.ComplementaryLIFNode(store_state_seqs=True), "m")
+    x = torch.rand(T, B, 12) * 3
+    expected = copy.deepcopy(model)
+    expected(x)
+    learner = slr.wrap(model, rule="sltt")
+    model(x)
+    for got, want in zip(model[1].state_seqs, expected[1].state_seqs):
+        torch.testing.assert_close(got, want)
+    assert len(model[1].state_seqs) == 2
+    learner.unwrap()
+
+
 def test_spikingjelly_model_zoo_online_and_zero_change():
     from spikingjelly.activation_based.model import parametric_lif_net
 
