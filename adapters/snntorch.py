@@ -2,8 +2,9 @@
 
 A neuron is a ``snntorch.SpikingNeuron`` whose ``forward(input_, <state>...)`` names its carried state
 after its buffers (``Leaky``: ``mem``; ``Synaptic``: ``syn, mem``; ``RLeaky``: ``spk, mem``; ``RSynaptic``;
-``Lapicque``; ``SLSTM``, ``SConv2dLSTM``: ``syn, mem``; ``Alpha`` is refused: its input reaches its spikes
-only through carried state). With
+``Lapicque``; ``SLSTM``, ``SConv2dLSTM``: ``syn, mem``; 1.0's ``DeltaLeaky``: ``mem`` (its call state is
+``(mem, mem_prev)``); ``Alpha`` is refused: its input reaches its spikes only through carried state, and so
+are 1.0's neurons that compute over a whole sequence in one call). With
 ``init_hidden=True`` the state lives in the module; with ``init_hidden=False`` the user's ``forward``
 passes it in and out, and the adapter cuts it on the way in. Resetting touches only the model's own
 neurons, not every instance as ``snntorch.utils.reset`` does.
@@ -62,7 +63,8 @@ class SnnTorchNeuron(NeuronAdapter):
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
-        buffers = dict(module.named_buffers(recurse=False))
+        # the registered buffers, those still None too (a DeltaLeaky's mem before its first call)
+        buffers = dict(module._buffers)
         self.state_names = tuple(n for n in _state_names(type(module), buffers) if n in buffers)
 
     def reset_state(self) -> None:
@@ -80,6 +82,8 @@ class SnnTorchNeuron(NeuronAdapter):
 
     def detach_call_state(self, args: tuple, kwargs: dict):
         def cut(value):
+            if isinstance(value, (tuple, list)):  # DeltaLeaky's state is (mem, mem_prev)
+                return type(value)(cut(v) for v in value)
             return value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value
 
         args = (args[0],) + tuple(cut(a) for a in args[1:]) if args else args
@@ -95,8 +99,33 @@ def _no_path_within_a_step(module: nn.Module) -> bool:
     return isinstance(alpha, type) and isinstance(module, alpha)
 
 
+# snnTorch 1.0's neurons that compute over the whole [T, B, ...] sequence in one call (a convolution in
+# time, an nn.RNN, an associative memory over the steps): no state is carried between steps to be cut
+_WHOLE_SEQUENCE = {
+    "StateLeaky": "convolves its input with the leak kernel over all time steps of the call",
+    "LinearLeaky": "convolves its input with the leak kernel over all time steps of the call",
+    "LeakyParallel": "runs an nn.RNN over all time steps of the call",
+    "AssociativeLeaky": "builds its associative memory over all time steps of the call",
+}
+
+
+def _whole_sequence(module: nn.Module) -> Optional[str]:
+    for cls in type(module).__mro__:  # the nearest such class: LinearLeaky derives from StateLeaky
+        if cls.__name__ in _WHOLE_SEQUENCE and cls.__module__.startswith("snntorch."):
+            return f"{cls.__name__} {_WHOLE_SEQUENCE[cls.__name__]}"
+    return None
+
+
 @hookimpl
 def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
+    whole = _whole_sequence(module)
+    if whole is not None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (snntorch): {whole}, so there is no state carried from one step to the "
+            "next for SLTT or TP to cut, and online training, which calls the model one step at a time, "
+            "cannot run it. Use Leaky (or RLeaky, Synaptic, ...; slr.neurons() lists them), which steps in "
+            "time, or train this layer with plain BPTT."
+        )
     neurons = sys.modules.get(_NEURON_BASE)
     if neurons is None or not isinstance(module, neurons.SpikingNeuron):
         return None
@@ -139,7 +168,7 @@ def slr_neuron_types() -> List[NeuronInfo]:
     except ImportError:
         return []
     found = []
-    for name in ("Leaky", "Synaptic", "RLeaky", "RSynaptic", "Lapicque", "SLSTM", "SConv2dLSTM"):
+    for name in ("Leaky", "Synaptic", "RLeaky", "RSynaptic", "Lapicque", "SLSTM", "SConv2dLSTM", "DeltaLeaky"):
         cls = getattr(snntorch, name, None)
         if cls is not None:
             state = ", ".join(_state_names(cls))

@@ -75,12 +75,15 @@ class ModuleHooks:
 
 
 def _looks_like_neuron(module: nn.Module) -> bool:
+    """A class name or attribute of a neuron. A module with children (a container, or a neuron that holds
+    its surrogate function or a linear map as a child) counts only by its attributes: ``SpikingVGG``
+    names no neuron."""
     if type(module).__module__.startswith("torch."):
         return False  # torch's own modules (nn.Threshold has a ``threshold`` too) are no neurons
+    if any(hasattr(module, attr) for attr in ("v_threshold", "threshold", "mem")):
+        return True
     name = type(module).__name__.lower()
-    return any(hint in name for hint in _NEURON_NAME_HINTS) or any(
-        hasattr(module, attr) for attr in ("v_threshold", "threshold", "mem")
-    )
+    return not list(module.children()) and any(hint in name for hint in _NEURON_NAME_HINTS)
 
 
 def find_neurons(model: nn.Module) -> List[NeuronAdapter]:
@@ -117,12 +120,16 @@ def find_neurons(model: nn.Module) -> List[NeuronAdapter]:
             )
         if adapter is not None:
             found.append(adapter)
-        elif module is not model and not list(module.children()) and _looks_like_neuron(module):
+        elif module is not model and _looks_like_neuron(module):
             suspects.append((module, f"{name or '<model>'} ({type(module).__module__}.{type(module).__name__})"))
     # a module inside a supported neuron (its surrogate function, a LeakyKReLU, say) is part of that neuron;
     # not so inside a recurrent container (is_layer False), whose wrapped neuron may be unsupported
     parts = {id(sub) for adapter in found if adapter.is_layer for sub in adapter.module.modules()}
-    suspects = [label for module, label in suspects if id(module) not in parts]
+    # of nested look-alikes (a block with a threshold around a neuron) the innermost is the neuron, and a
+    # module holding a supported neuron is no neuron either
+    nested = {id(module) for module, _ in suspects} | {id(adapter.module) for adapter in found}
+    suspects = [label for module, label in suspects if id(module) not in parts
+                and not any(id(sub) in nested for sub in module.modules() if sub is not module)]
     if found and suspects:
         # one unsupported neuron beside supported ones would keep its temporal route: say so
         warnings.warn(

@@ -93,6 +93,51 @@ def test_no_neuron_and_unknown_neuron_class():
     learner.unwrap()
 
 
+def test_a_look_alike_neuron_holding_child_modules_is_named():
+    """SpikingJelly's idiom keeps the surrogate function as a child module (snnTorch 1.0's LinearLeaky a
+    linear map): such a neuron is named alone and beside supported ones; a block around a neuron, or a
+    network class whose name says 'spiking', is not."""
+    from spikingjelly.activation_based import surrogate
+
+    class MyNode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.v_threshold, self.v = 1.0, 0.0
+            self.surrogate_function = surrogate.ATan()
+
+        def forward(self, x):
+            self.v = self.v + x
+            spike = self.surrogate_function(self.v - self.v_threshold)
+            self.v = self.v - spike
+            return spike
+
+    with pytest.raises(slr.UnsupportedModelError, match=r"look like neurons.*1 \(.*MyNode\)"):
+        slr.wrap(nn.Sequential(nn.Linear(3, 3), MyNode()), rule="sltt")
+    model = sj_mlp()
+    model.append(MyNode())
+    with pytest.warns(UserWarning, match=r"time steps\): 4 \(.*MyNode\)\. If"):
+        slr.wrap(model, rule="sltt").unwrap()
+
+    class SpikingBlock(nn.Module):  # a block with a threshold of its own around a look-alike
+        def __init__(self):
+            super().__init__()
+            self.threshold = 0.5
+            self.fc, self.node = nn.Linear(4, 4), MyNode()
+
+    with pytest.warns(UserWarning, match=r"time steps\): 4\.node \(.*MyNode\)\. If"):
+        slr.wrap(sj_mlp().append(SpikingBlock()), rule="sltt").unwrap()
+
+    class SpikingNet(nn.Module):  # a network whose name says 'spiking' holds supported neurons
+        def __init__(self):
+            super().__init__()
+            self.body = sj_mlp()
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slr.wrap(nn.Sequential(SpikingNet()), rule="sltt").unwrap()
+
+
 def test_parts_of_a_supported_neuron_are_not_look_alikes():
     """A surrogate module inside a neuron (SpikingJelly's LeakyKReLU, PiecewiseLeakyReLU) is part of it."""
     import warnings
