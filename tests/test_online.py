@@ -250,6 +250,32 @@ def test_snntorch_losses():
         slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loss="hinge")
 
 
+def test_a_membrane_loss_on_a_model_that_returns_spikes_is_refused():
+    """A model whose last Leaky has no output=True returns spikes alone; the membrane loss had read them
+    as the membrane without a word. output=0 says the one tensor is what the loss wants."""
+    import snntorch as snn
+    import snntorch.functional as SF
+
+    def build():
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.8, init_hidden=True), nn.Linear(16, 5),
+                             snn.Leaky(beta=0.8, init_hidden=True))
+
+    x, y = torch.rand(4, 3, 12) * 30, torch.randint(0, 5, (3,))
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       loss=SF.mse_membrane_loss())
+    with pytest.raises(slr.LossError, match=r"reads the membrane.*only 0s and 1s: spikes.*output=True"):
+        learner.step(x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    learner.unwrap()
+    model = build()
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       loss=SF.mse_membrane_loss(), output=0)
+    assert learner.step(x, y).loss > 0
+
+
 def test_output_choice():
     x, y = torch.rand(4, 3, 12) * 2, torch.randint(0, 5, (3,))
     torch.manual_seed(6)

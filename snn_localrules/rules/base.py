@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .. import distributed
 from ..adapter import NeuronAdapter
-from ..errors import LayoutError, WrapError
+from ..errors import LayoutError, NonFiniteLossError, WrapError
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks, _forget, _remember
 
@@ -573,6 +573,31 @@ def contiguous_runs(selected: Iterable[int], steps: int) -> List[tuple]:
         else:
             runs.append((t, t + 1, flag))
     return runs
+
+
+def check_finite_gradients(model: nn.Module, params: List[torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteLossError` naming the parameters whose gradient has a NaN or inf, before the
+    optimizer applies it. A NaN input (or label path) is swallowed by the spike function in forward (NaN
+    >= threshold is False) but comes back through the surrogate in backward."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not all_finite(grads):
+        names = {id(p): n for n, p in model.named_parameters()}
+        bad = [names.get(id(p), "?") for p in params if p.grad is not None and not p.grad.isfinite().all()]
+        raise NonFiniteLossError(
+            f"non-finite gradients in {', '.join(bad[:5])}; nothing was updated. Check the input for "
+            "NaN/inf values, the input scale and the learning rate."
+        )
+
+
+def check_common_options(seed: Any, T: Any, multi_step: Any, seed_may_be_none: bool) -> None:
+    """Validate the options both rules take: ``seed``, ``T``, ``multi_step``."""
+    if not ((isinstance(seed, int) and not isinstance(seed, bool)) or (seed is None and seed_may_be_none)):
+        allowed = "an int or None" if seed_may_be_none else "an int"
+        raise WrapError(f"seed must be {allowed}, got {seed!r}.")
+    if T is not None and (not isinstance(T, int) or isinstance(T, bool) or T < 1):
+        raise WrapError(f"T must be a positive int or None, got {T!r}.")
+    if not (multi_step is None or isinstance(multi_step, bool)):
+        raise WrapError(f"multi_step must be None (found out from the model), True or False, got {multi_step!r}.")
 
 
 def all_finite(tensors: List[torch.Tensor]) -> bool:

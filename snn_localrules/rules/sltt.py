@@ -28,13 +28,14 @@ from .base import (
     NeuronCalls,
     OutputChoice,
     Rule,
-    all_finite,
     autocast_context,
     backward,
     buffer_copies,
     check_optimizer,
     check_chunk,
     check_clip_grad_norm,
+    check_common_options,
+    check_finite_gradients,
     check_precision,
     check_sequence_batch,
     contiguous_runs,
@@ -135,6 +136,10 @@ def _per_step_forward(neuron: NeuronAdapter, fused: bool = False, packer: Option
         return neuron.own_forward(x, *args, **kwargs)
 
     return forward
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _own_seed(seed: int) -> int:
@@ -346,6 +351,22 @@ class SLTT(Rule):
             raise WrapError(
                 "K (SLTT-K) needs online mode, where the learner drives the time loop: pass optimizer=..."
             )
+        else:
+            # what only the learner's own steps use: in zero-change mode the user's loop computes the loss
+            # and runs the steps (T, output and multi_step serve predict() in both modes)
+            unused = [name for name, value, default in (
+                ("loss", loss, "ce"), ("sample", sample, "random"), ("seed", seed, None),
+                ("nograd_chunk", nograd_chunk, None), ("autocast", autocast, None),
+            ) if not (value is default or (isinstance(value, str) and value == default) or
+                      (name == "autocast" and value is False))]
+            if unused:
+                raise WrapError(
+                    f"{', '.join(unused)} {'sets' if len(unused) == 1 else 'set'} how online mode's steps run, "
+                    "but without an optimizer this is zero-change mode, where your own loop computes the loss "
+                    "and runs the steps, so it would change nothing. Pass optimizer=... for online mode, or "
+                    "drop it (in your loop: your loss, torch.autocast for mixed precision)."
+                )
+        check_common_options(seed, T, multi_step, seed_may_be_none=True)
         if K is not None and (not isinstance(K, int) or isinstance(K, bool) or K < 1):
             raise WrapError(f"K must be a positive int (steps backpropagated per batch) or None, got {K!r}.")
         if sample not in ("random", "last"):
@@ -353,8 +374,6 @@ class SLTT(Rule):
         if nograd_chunk is not None and (not isinstance(nograd_chunk, int) or isinstance(nograd_chunk, bool)
                                          or nograd_chunk < 1):
             raise WrapError(f"nograd_chunk must be a positive int or None, got {nograd_chunk!r}.")
-        if T is not None and (not isinstance(T, int) or T < 1):
-            raise WrapError(f"T must be a positive int or None, got {T!r}.")
         if not isinstance(fused, bool):
             raise WrapError(f"fused must be True or False, got {fused!r}.")
         if not isinstance(pack_spikes, bool):
@@ -395,6 +414,9 @@ class SLTT(Rule):
         self.seed = seed
         self.T = T
         self.output = output if output is not None else self.step_loss.output_index
+        # a loss that reads an element of a tuple output (snnTorch's membrane losses) on a model that returns
+        # one tensor would read that tensor whatever it is: checked once, at the first step with an output
+        self._check_tuple_output = output is None and self.step_loss.output_index not in (None, 0)
         self.multi_step = multi_step
         self.nograd_chunk = nograd_chunk
         # seed=None follows the run's torch.manual_seed (without drawing from torch's generator, so the
@@ -514,7 +536,7 @@ class SLTT(Rule):
                                 counts = _accumulate(counts, out)
             self._check_finite(finite, starts, total)
             if self.scaler is None:
-                self._check_finite_gradients(params)
+                check_finite_gradients(self.model, params)
             # with a scaler: it unscales, skips the step if any gradient overflowed, and adapts its scale,
             # once per batch however many steps were backpropagated
             skipped = optimizer_step(self.optimizer, self.scaler, self.clip_grad_norm)
@@ -626,19 +648,17 @@ class SLTT(Rule):
                 "updated. Check the input scale and the learning rate (a diverged model gives NaN outputs)."
             )
 
-    def _check_finite_gradients(self, params: List[torch.Tensor]) -> None:
-        # A NaN input is swallowed by the spike function in forward (NaN >= threshold is False) but
-        # comes back through the surrogate in backward: check before the optimizer applies it.
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads and not all_finite(grads):
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            bad = [names.get(id(p), "?") for p in params if p.grad is not None and not p.grad.isfinite().all()]
-            raise NonFiniteLossError(
-                f"non-finite gradients in {', '.join(bad[:5])}; nothing was updated. Check the input for "
-                "NaN/inf values, the input scale and the learning rate."
-            )
-
     def _step_loss(self, out: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
+        if self._check_tuple_output and not _capturing() and bool(out.detach().ne(0).any()):  # (all zeros: no proof)
+            self._check_tuple_output = False
+            if bool(((out == 0) | (out == 1)).all()):
+                raise LossError(
+                    f"the loss {self.step_loss.name} reads the membrane (element {self.step_loss.output_index} "
+                    "of a neuron's (spk, ..., mem) output), but what it gets from the model holds only 0s and "
+                    "1s: spikes (from a model that returns one tensor, it gets that tensor). Have the model return the last neuron's (spk, mem) (snnTorch: "
+                    "output=True) or use a loss on spikes (SF.ce_rate_loss(), loss='ce'); if this output is "
+                    "the membrane, pass output=0 to wrap() to say so."
+                )
         try:
             loss = self.step_loss(out, y)
         except (IndexError, RuntimeError) as error:

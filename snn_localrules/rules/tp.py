@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
@@ -38,6 +39,8 @@ from .base import (
     backward,
     check_optimizer,
     check_clip_grad_norm,
+    check_common_options,
+    check_finite_gradients,
     check_precision,
     check_sequence_batch,
     guarded_step,
@@ -255,6 +258,13 @@ class TP(Rule):
             raise WrapError(f"rule='tp' needs num_classes=<int >= 2> for its label path, got {num_classes!r}.")
         if not 0.0 <= trace_decay < 1.0:
             raise WrapError(f"trace_decay must be in [0, 1), got {trace_decay!r}.")
+        number = isinstance(label_scale, (int, float)) and not isinstance(label_scale, bool)
+        if not number or not math.isfinite(label_scale) or label_scale <= 0:
+            raise WrapError(
+                f"label_scale must be a positive number (the label path's input scale relative to the data's), "
+                f"got {label_scale!r}."
+            )
+        check_common_options(seed, None, multi_step, seed_may_be_none=False)
         if spatial not in SPATIAL_MODES:
             raise WrapError(f"spatial must be one of {', '.join(map(repr, SPATIAL_MODES))}, got {spatial!r}.")
         if label_batch not in LABEL_BATCH_MODES:
@@ -494,6 +504,8 @@ class TP(Rule):
                 self.optimizer.zero_grad(set_to_none=True)
                 if total.requires_grad:
                     backward(total, self.scaler)
+                if self.scaler is None:  # (a GradScaler skips a step whose gradients are not finite)
+                    check_finite_gradients(self.model, [p for g in self.optimizer.param_groups for p in g["params"]])
                 if optimizer_step(self.optimizer, self.scaler, self.clip_grad_norm):
                     skipped.append(t)
                 # the prediction: argmax of the readout at the last step, or of the output neuron's spike counts
