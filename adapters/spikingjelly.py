@@ -143,6 +143,11 @@ def _input_only_through_state(cls: type) -> bool:
     return isinstance(raf, type) and issubclass(cls, raf)
 
 
+def _is_ottt(cls: type) -> bool:
+    """SpikingJelly's ``OTTTLIFNode`` (online training through time: its own gradient, through traces)."""
+    return any(k.__name__ == "OTTTLIFNode" and k.__module__.startswith("spikingjelly.") for k in cls.__mro__)
+
+
 def _is_recurrent_container(module: nn.Module, base) -> bool:
     # layer.LinearRecurrentContainer / ElementWiseRecurrentContainer: they feed their last output y
     # back into the wrapped neuron, a temporal route that SLTT cuts like a membrane
@@ -579,6 +584,13 @@ def slr_neuron_adapter(module: nn.Module) -> Optional[NeuronAdapter]:
         )
     base = _base_module()
     if base is not None:
+        if _is_ottt(type(module)):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (spikingjelly) is SpikingJelly's own OTTT neuron: in training it returns "
+                "[spike, trace] for OTTTSequential, which computes OTTT's gradient from the trace; wrapped, that "
+                "gradient would stay OTTT's, not become SLTT's or TP's. Use LIFNode (the same parameters) to "
+                "train with this plugin, or keep SpikingJelly's OTTT training."
+            )
         if _input_only_through_state(type(module)):
             raise UnsupportedModelError(
                 f"{type(module).__name__} (spikingjelly) passes its input to its spikes only through the state "

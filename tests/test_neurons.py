@@ -137,6 +137,17 @@ def test_spikingjelly_layers_whose_time_route_cannot_be_cut_are_refused(name, ru
     assert slr.learner_of(model) is None
 
 
+@pytest.mark.skipif(not hasattr(neuron, "OTTTLIFNode"), reason="SpikingJelly 2.x neuron")
+def test_spikingjelly_ottt_neuron_is_refused():
+    """OTTTLIFNode trains with its own gradient through traces (OTTTSequential): wrapped, it had stayed
+    OTTT's while the user believed it SLTT's."""
+    model = nn.Sequential(layer.Linear(12, 16), neuron.OTTTLIFNode(), layer.Linear(16, 5))
+    with pytest.raises(slr.UnsupportedModelError, match=r"module '1': OTTTLIFNode \(spikingjelly\) is "
+                                                          r"SpikingJelly's own OTTT neuron.*Use LIFNode"):
+        slr.wrap(model, rule="sltt")
+    assert slr.learner_of(model) is None and not any(m._forward_pre_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_online_cuts_the_state_of_stateful_layers_that_are_not_neurons(step_mode):
     """A SynapseFilter after a neuron carries a graph from one step to the next: online SLTT (and TP) cut
