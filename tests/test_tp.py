@@ -87,18 +87,24 @@ def _mlp(hidden=(16,), seed=0, step_mode="s"):
     return model
 
 
+def _one_tp_batch(model, steps):
+    """One TP batch of 6 samples, 4 classes, trace decay 0.7, lr 0: returns the batch and the label
+    projection; the model's .grad hold the last step's gradients."""
+    x = torch.rand(steps, 6, 12) * 3
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                       num_classes=4, trace_decay=0.7, seed=5)
+    learner.step(x, y)
+    learner.unwrap()
+    return x, y, learner.projection
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_tp_step_matches_hand_written_reference(step_mode):
     """T=2, lr=0: after step() the .grad hold the gradient of the last step's TP loss. Recompute it
     by hand: LIF (decay_input=False, soft reset, ATan) equations, traces, label path, both losses."""
     model = _mlp(step_mode=step_mode)
-    x = torch.rand(2, 6, 12) * 3
-    y = torch.tensor([0, 1, 2, 3, 0, 1])
-    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                       num_classes=4, trace_decay=0.7, seed=5)
-    learner.step(x, y)
-    S = learner.projection
-    learner.unwrap()
+    x, y, S = _one_tp_batch(model, steps=2)
 
     W1, b1, W2, b2 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     lam = 1 - 1 / 2.0
@@ -131,13 +137,7 @@ def test_tp_step_through_a_recurrent_container_feeds_back_spikes(step_mode):
         layer.LinearRecurrentContainer(lif, 16, 16, bias=False, step_mode=step_mode),
         layer.Linear(16, 4, step_mode=step_mode),
     )
-    x = torch.rand(3, 6, 12) * 3
-    y = torch.tensor([0, 1, 2, 3, 0, 1])
-    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                       num_classes=4, trace_decay=0.7, seed=5)
-    learner.step(x, y)
-    S = learner.projection
-    learner.unwrap()
+    x, y, S = _one_tp_batch(model, steps=3)
 
     W1, b1, R, W2, b2 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     lam = 1 - 1 / 2.0
