@@ -76,14 +76,16 @@ class ModuleHooks:
 
 def _looks_like_neuron(module: nn.Module) -> bool:
     """A class name or attribute of a neuron. A module with children (a container, or a neuron that holds
-    its surrogate function or a linear map as a child) counts only by its attributes: ``SpikingVGG``
-    names no neuron."""
+    its surrogate function or a linear map as a child) needs more: ``SpikingVGG`` names no neuron."""
     if type(module).__module__.startswith("torch."):
         return False  # torch's own modules (nn.Threshold has a ``threshold`` too) are no neurons
-    if any(hasattr(module, attr) for attr in ("v_threshold", "threshold", "mem")):
-        return True
-    name = type(module).__name__.lower()
-    return not list(module.children()) and any(hint in name for hint in _NEURON_NAME_HINTS)
+    named = any(hint in type(module).__name__.lower() for hint in _NEURON_NAME_HINTS)
+    state = any(hasattr(module, attr) for attr in ("threshold", "mem"))
+    if not list(module.children()):
+        return named or state or hasattr(module, "v_threshold")
+    # with children: SpikingJelly's v_threshold, or a neuron's name and state (a pruner's threshold or a
+    # block of memory tokens is no neuron)
+    return hasattr(module, "v_threshold") or (named and state)
 
 
 def find_neurons(model: nn.Module) -> List[NeuronAdapter]:

@@ -230,6 +230,29 @@ def test_nmnist_reader_and_dataset(tmp_path):
     assert all(torch.equal(again[i][0], plain[i][0]) for i in range(3))
 
 
+def test_event_dataset_subclass_without_files_caches_by_index(tmp_path):
+    """EventDataset's docstring asks a subclass for targets, events() and frames() only."""
+    from snn_localrules.data import EventDataset
+
+    class Synthetic(EventDataset):
+        def __init__(self):
+            super().__init__(T=4, duration=None, split_by="time", cache_dir=str(tmp_path))
+            self.targets = [0, 1, 0]
+
+        def events(self, i):
+            rng = np.random.default_rng(i)
+            return {"x": rng.integers(0, 8, 50), "y": rng.integers(0, 8, 50),
+                    "t": np.sort(rng.integers(0, 1000, 50)), "p": rng.integers(0, 2, 50)}
+
+        def frames(self, i):
+            return to_frames(self.events(i), self.T, 8, sensor_size=8)
+
+    ds = Synthetic()
+    frames, label = ds[1]
+    assert frames.shape == (4, 2, 8, 8) and label == 1 and torch.equal(ds[1][0], ds.frames(1))
+    assert len([f for _, _, fs in os.walk(tmp_path) for f in fs]) == 1
+
+
 def test_nmnist_overflow_marker(tmp_path):
     write_nmnist(tmp_path / "o.bin", [1, 0, 2], [2, 240, 3], [1, 0, 0], [10, 0, 20])
     ev = read_nmnist_bin(str(tmp_path / "o.bin"))

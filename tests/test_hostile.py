@@ -283,6 +283,20 @@ def test_options_without_effect_or_of_the_wrong_type_are_refused_at_wrap(rule, o
     assert slr.learner_of(model) is None
 
 
+def test_numpy_and_torch_numbers_are_numbers():
+    import numpy as np
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for scale in (np.float32(0.5), torch.tensor(0.5)):
+        learner = slr.wrap(model, rule="tp", optimizer=opt, num_classes=C, label_scale=scale, seed=np.int64(3))
+        assert learner.label_scale == 0.5 and learner.seed == 3
+        learner.unwrap()
+    learner = slr.wrap(model, rule="sltt", optimizer=opt, K=2, seed=np.int64(3))
+    assert learner.seed == 3 and type(learner.seed) is int
+    learner.unwrap()
+
+
 # -- the user's model raising mid-step ---------------------------------------------------------------
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])

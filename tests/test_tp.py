@@ -156,6 +156,26 @@ def test_tp_step_through_a_recurrent_container_feeds_back_spikes(step_mode):
     assert R.grad[:, 16:].abs().sum() > 0
 
 
+def test_tp_recurrent_container_with_a_layer_after_the_neuron():
+    """Inside LinearRecurrentContainer(Sequential(LIF, Linear)) the neuron is not the container's output:
+    its trace goes on through the inner Linear (trained), which the readout then gets."""
+    torch.manual_seed(0)
+    inner = layer.Linear(5, 5)
+    model = nn.Sequential(layer.Linear(6, 5),
+                          layer.LinearRecurrentContainer(nn.Sequential(neuron.LIFNode(v_threshold=0.5), inner), 5, 5),
+                          layer.Linear(5, 3))
+    seen = {}
+    inner.register_forward_hook(lambda m, a, o: seen.__setitem__("inner", (a[0].detach(), o.detach())))
+    model[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("readout_in", a[0].detach()))
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), num_classes=3)
+    learner.step(torch.rand(5, 4, 6) * 3, torch.tensor([0, 1, 2, 0]))
+    inner_in, inner_out = seen["inner"]
+    assert torch.equal(seen["readout_in"], inner_out)
+    assert not torch.equal(inner_in, inner_in.round())  # the inner Linear gets the trace
+    assert inner.weight.grad is not None and inner.weight.grad.abs().sum() > 0
+    learner.unwrap()
+
+
 def test_locality_layer_update_independent_of_layers_above():
     """Changing layer 2's weights does not change layer 1's update on the same batch."""
     x = torch.rand(4, 8, 12) * 3

@@ -132,10 +132,21 @@ def test_a_look_alike_neuron_holding_child_modules_is_named():
             super().__init__()
             self.body = sj_mlp()
 
+    class TokenPruner(nn.Module):  # a threshold that is no neuron's
+        def __init__(self):
+            super().__init__()
+            self.threshold, self.score = 0.5, nn.Linear(5, 1)
+
+    class MemoryTokens(nn.Module):  # a 'mem' that is no membrane
+        def __init__(self):
+            super().__init__()
+            self.mem, self.proj = nn.Parameter(torch.zeros(4, 5)), nn.Linear(5, 5)
+
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         slr.wrap(nn.Sequential(SpikingNet()), rule="sltt").unwrap()
+        slr.wrap(sj_mlp().append(TokenPruner()).append(MemoryTokens()), rule="sltt").unwrap()
 
 
 def test_parts_of_a_supported_neuron_are_not_look_alikes():

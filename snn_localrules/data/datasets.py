@@ -312,9 +312,11 @@ class EventDataset(Dataset):
     def _cache_key(self) -> dict:
         return {"T": self.T, "duration": self.duration, "split_by": self.split_by}
 
-    def _source(self, i: int) -> Tuple[str, Any]:
-        """Sample ``i``'s file and its place in that file (``None``: the whole file)."""
-        return self.files[i], None
+    def _source(self, i: int) -> Tuple[Optional[str], Any]:
+        """Sample ``i``'s file and its place in that file (``None``: the whole file). A subclass without
+        ``files`` gets ``(None, i)``, frames cached by index: override it to name each sample's source."""
+        files = getattr(self, "files", None)
+        return (files[i], None) if files is not None else (None, i)
 
     def _cache_file(self, i: int) -> Optional[str]:
         if self.cache_dir is None:
@@ -322,8 +324,10 @@ class EventDataset(Dataset):
         key = dict(self._cache_key(), cls=type(self).__name__)
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         path, place = self._source(i)
-        stat = os.stat(path)
-        source = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns, place]
+        source: List[Any] = [place]
+        if path is not None:
+            stat = os.stat(path)
+            source += [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
         sample = hashlib.sha1(json.dumps(source, default=str).encode()).hexdigest()[:16]
         return os.path.join(os.path.expanduser(self.cache_dir), f"{type(self).__name__}_{digest}", f"{sample}.pt")
 

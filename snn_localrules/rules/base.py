@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import math
+import numbers
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -548,9 +549,22 @@ class NeuronCalls:
         if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] != self.batch):
             self.batchless.add(id(module))
 
-    def check(self, model: nn.Module, model_calls: int, rule: str) -> None:
+    def check(self, model: nn.Module, model_calls: int, rule: str, sequences: bool = False) -> None:
         """Raise :func:`repeated_neurons_error` if a neuron ran more than ``model_calls`` times on inputs
-        without the batch dimension."""
+        without the batch dimension. ``sequences``: the model was fed ``[c, B, ...]``; then a neuron that
+        takes one step per call (not in multi-step mode) must have got ``[B, ...]`` (its model steps
+        through time itself), else it took the time steps for samples: a :class:`LayoutError` says so."""
+        if sequences:
+            merged = [n for n in self.neurons if not n.multi_step and id(n.module) in self.batchless]
+            if merged:
+                raise LayoutError(
+                    f"the model is fed [c, B, ...] sequences (multi_step=True), but its neuron(s) "
+                    f"{named_neurons(model, merged)}, which take one time step [B, ...] per call, got inputs "
+                    "whose first dimension is not the batch: they took the time steps for more samples, with "
+                    "no state carried from step to step (snnTorch's neurons always take one step per call). "
+                    "Drop multi_step=True: the learner then calls the model once per step."
+                )
+            return
         looped = [n for n in self.neurons
                   if self.calls.get(id(n.module), 0) > model_calls and id(n.module) in self.batchless]
         if looped:
@@ -591,7 +605,7 @@ def check_finite_gradients(model: nn.Module, params: List[torch.Tensor]) -> None
 
 def check_common_options(seed: Any, T: Any, multi_step: Any, seed_may_be_none: bool) -> None:
     """Validate the options both rules take: ``seed``, ``T``, ``multi_step``."""
-    if not ((isinstance(seed, int) and not isinstance(seed, bool)) or (seed is None and seed_may_be_none)):
+    if not ((isinstance(seed, numbers.Integral) and not isinstance(seed, bool)) or (seed is None and seed_may_be_none)):
         allowed = "an int or None" if seed_may_be_none else "an int"
         raise WrapError(f"seed must be {allowed}, got {seed!r}.")
     if T is not None and (not isinstance(T, int) or isinstance(T, bool) or T < 1):

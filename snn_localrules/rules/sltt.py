@@ -411,7 +411,7 @@ class SLTT(Rule):
         self.step_loss = resolve_step_loss(loss, plugin_answer=lambda obj: plugin_manager().hook.slr_step_loss(loss=obj))
         self.K = K
         self.sample = sample
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.T = T
         self.output = output if output is not None else self.step_loss.output_index
         # a loss that reads an element of a tuple output (snnTorch's membrane losses) on a model that returns
@@ -421,7 +421,7 @@ class SLTT(Rule):
         self.nograd_chunk = nograd_chunk
         # seed=None follows the run's torch.manual_seed (without drawing from torch's generator, so the
         # user's data order stays as it is): runs of different seeds draw different steps
-        self.generator = torch.Generator().manual_seed(seed if seed is not None else _own_seed(torch.initial_seed()))
+        self.generator = torch.Generator().manual_seed(self.seed if seed is not None else _own_seed(torch.initial_seed()))
         self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # the first batch fed one step per call counts neuron calls (a forward that loops over time itself)
         self._calls: Optional[NeuronCalls] = None
@@ -482,7 +482,7 @@ class SLTT(Rule):
         no_sync = getattr(self.model, "no_sync", None)  # DDP/FSDP: all-reduce once per batch, not per step
         last_backprop = selected[-1] if selected else None
         self._graphs_for(x_seq, no_sync)
-        if not self._calls_checked and not sequence_model:
+        if not self._calls_checked:
             self._calls = NeuronCalls(self.neurons, x_seq.shape[1])
         try:
             self._learn_time_layout(x_seq, sequence_model)
@@ -572,12 +572,12 @@ class SLTT(Rule):
             if self._calls is not None:  # a forward that loops over time also returns no per-step output:
                 calls, self._calls = self._calls, None  # say that, rather than blame the input's layout
                 calls.remove()
-                calls.check(self.model, len(x), self.name)
+                calls.check(self.model, len(x), self.name, sequences=sequence_model)
             raise
         if self._calls is not None:
             calls, self._calls = self._calls, None
             calls.remove()
-            calls.check(self.model, len(x), self.name)
+            calls.check(self.model, len(x), self.name, sequences=sequence_model)
             self._calls_checked = True
         return outs
 
@@ -650,8 +650,7 @@ class SLTT(Rule):
 
     def _step_loss(self, out: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
         if self._check_tuple_output and not _capturing() and bool(out.detach().ne(0).any()):  # (all zeros: no proof)
-            self._check_tuple_output = False
-            if bool(((out == 0) | (out == 1)).all()):
+            if bool(((out == 0) | (out == 1)).all()):  # (stays checked: every later step() refuses too)
                 raise LossError(
                     f"the loss {self.step_loss.name} reads the membrane (element {self.step_loss.output_index} "
                     "of a neuron's (spk, ..., mem) output), but what it gets from the model holds only 0s and "
@@ -659,6 +658,7 @@ class SLTT(Rule):
                     "output=True) or use a loss on spikes (SF.ce_rate_loss(), loss='ce'); if this output is "
                     "the membrane, pass output=0 to wrap() to say so."
                 )
+            self._check_tuple_output = False
         try:
             loss = self.step_loss(out, y)
         except (IndexError, RuntimeError) as error:
@@ -691,10 +691,14 @@ class SLTT(Rule):
         sequence_model = self._sequence_model()
         self._learn_time_layout(x_seq, sequence_model)
         self.reset_state()
+        if not self._calls_checked:  # predict() before any step(): the same first-call check
+            self._calls = NeuronCalls(self.neurons, x_seq.shape[1])
         try:
-            outs = run_in_time(self.model, x_seq, sequence_model, self.output,
-                               one_call_per_step=bool(self._reduces_time))
+            outs = self._run(x_seq, sequence_model)
         finally:
+            if self._calls is not None:
+                self._calls.remove()
+                self._calls = None
             self.reset_state()
         return torch.stack(outs).sum(0).argmax(-1)
 

@@ -133,6 +133,20 @@ def _replace_output(output: Any, passed: torch.Tensor, time_dim: bool) -> Any:
     return passed
 
 
+def _ends_with(module: nn.Module, neuron: nn.Module) -> bool:
+    """Whether ``module``'s output is ``neuron``'s: the neuron itself, or reached through recurrent
+    containers' ``sub_module`` and the last module of ``nn.Sequential`` s."""
+    while module is not neuron:
+        inner = getattr(module, "sub_module", None)
+        if isinstance(inner, nn.Module):
+            module = inner
+        elif isinstance(module, nn.Sequential) and len(module):
+            module = module[-1]
+        else:
+            return False
+    return True
+
+
 def _container_hook(container: int, index: int):
     """The forward hook of a recurrent container around the last hidden layer's neuron ``index``: the
     readout gets the neuron's trace from the container, after the container kept the neuron's spikes
@@ -258,8 +272,11 @@ class TP(Rule):
             raise WrapError(f"rule='tp' needs num_classes=<int >= 2> for its label path, got {num_classes!r}.")
         if not 0.0 <= trace_decay < 1.0:
             raise WrapError(f"trace_decay must be in [0, 1), got {trace_decay!r}.")
-        number = isinstance(label_scale, (int, float)) and not isinstance(label_scale, bool)
-        if not number or not math.isfinite(label_scale) or label_scale <= 0:
+        try:  # a Python, numpy or 0-d torch number
+            number = None if isinstance(label_scale, (bool, str)) else float(label_scale)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number) or number <= 0:
             raise WrapError(
                 f"label_scale must be a positive number (the label path's input scale relative to the data's), "
                 f"got {label_scale!r}."
@@ -285,7 +302,7 @@ class TP(Rule):
         self.optimizer = optimizer
         self.num_classes = num_classes
         self.trace_decay = float(trace_decay)
-        self.seed = seed
+        self.seed = int(seed)
         self.label_scale = float(label_scale)
         self.output = output
         self.multi_step = multi_step
@@ -338,8 +355,10 @@ class TP(Rule):
             hooks.forward_hook(self.neurons[container].module, _container_hook(container, index))
 
     def _outer_containers(self) -> Dict[int, int]:
-        """``{neuron: container}`` for each neuron layer inside modules that carry state but are no layer
-        of their own (recurrent containers): the outermost of them, whose output the next layer gets."""
+        """``{neuron: container}`` for each neuron layer that is the output of modules that carry state but
+        are no layer of their own (recurrent containers): the outermost of them, whose output the next
+        layer gets. A neuron with more after it inside the container (a linear map, an output layer) keeps
+        passing its trace on itself: what the container returns and feeds back is then computed from it."""
         def inside(inner: nn.Module, outer: nn.Module) -> bool:
             return inner is not outer and any(m is inner for m in outer.modules())
 
@@ -349,7 +368,7 @@ class TP(Rule):
             around = [c for c in containers if neuron.is_layer and inside(neuron.module, self.neurons[c].module)]
             outer = [c for c in around if not any(inside(self.neurons[c].module, self.neurons[o].module)
                                                   for o in around)]
-            if outer:
+            if outer and _ends_with(self.neurons[outer[0]].module, neuron.module):
                 pairs[index] = outer[0]
         return pairs
 
