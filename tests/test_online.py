@@ -418,3 +418,42 @@ def test_a_deep_copy_of_a_learner_is_the_learner_of_its_model_copy():
     assert not fork.wrapped and learner.wrapped and slr.learner_of(fork.model) is None
     assert all(not m._forward_pre_hooks for m in fork.model.modules())
     learner.unwrap()
+
+
+class _LoopsOverTime(nn.Module):
+    """A forward that steps through its [c, B, ...] input itself: what multi_step=True is for."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_seq):
+        return torch.stack([self.net(x)[0] for x in x_seq])
+
+
+@pytest.mark.parametrize("rule", ["sltt", "tp"])
+def test_multi_step_true_on_neurons_that_take_one_step_per_call_is_refused(rule):
+    """snnTorch neurons fed [c, B, ...] take the steps for samples: no state from step to step, gradients
+    0.5-1.9 off and predict() all zeros before, without a word. A forward that steps through the
+    sequence itself is what multi_step=True is for, and trains as the model fed step by step."""
+    x, y = torch.rand(6, 5, 12) * 2, torch.randint(0, 5, (5,))
+    options = dict(num_classes=5) if rule == "tp" else dict(chunk=3)
+    model = snn_sequential()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    learner = slr.wrap(model, rule=rule, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       multi_step=True, **options)
+    message = r"fed \[c, B, \.\.\.\] sequences \(multi_step=True\).*'1' \(snntorch.Leaky\).*Drop multi_step=True"
+    with pytest.raises(slr.LayoutError, match=message):
+        learner.step(x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if rule == "sltt":
+        with pytest.raises(slr.LayoutError, match=message):
+            learner.predict(x)
+    learner.unwrap()
+    if rule == "sltt":
+        torch.manual_seed(0)
+        _, g_plain = _online(snn_sequential(), x, y, chunk=3)
+        torch.manual_seed(0)
+        _, g_looped = _online(_LoopsOverTime(snn_sequential()), x, y, chunk=3, multi_step=True)
+        for a, b in zip(g_plain, g_looped):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

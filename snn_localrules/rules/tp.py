@@ -32,6 +32,7 @@ from ..functional.traces import (
 )
 from ..wrap import ModuleHooks
 from .base import (
+    NeuronCalls,
     OutputChoice,
     Rule,
     autocast_context,
@@ -587,16 +588,27 @@ class TP(Rule):
                    if id(m) not in inside_neurons and id(m) not in holders
                    and any(True for _ in m.parameters(recurse=False))]
         layout_error = None
+        # fed [1, B, ...], one-step-per-call neurons must still get [B, ...] (snnTorch's take no sequences)
+        calls = NeuronCalls(self.neurons, inputs.shape[0]) if sequence_model else None
         try:
             run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
         except LayoutError as error:  # a forward that loops over time gives no per-step output either:
             layout_error = error      # the repeated neurons below say so, rather than blame the input
+        except Exception:
+            if calls is not None:  # (the shapes that went wrong may fail anywhere after such a neuron)
+                calls.remove()
+                calls.check(self.model, 1, self.name, sequences=True)
+            raise
         finally:
+            if calls is not None:
+                calls.remove()
             for handle in handles:
                 handle.remove()
             for module, training in modes:
                 module.training = training
             self.reset_state()
+        if calls is not None:
+            calls.check(self.model, 1, self.name, sequences=True)
         repeated = [self.neurons[i] for i in sorted(set(self._seen)) if self._seen.count(i) > 1]
         if repeated:
             raise repeated_neurons_error(self.model, repeated, self.name)
