@@ -400,6 +400,24 @@ def test_spike_count_prediction_of_a_step_equals_predict():
     learner.unwrap()
 
 
+def test_predict_from_the_last_step_or_the_sum_over_steps():
+    torch.manual_seed(2)
+    model = _mlp()
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), num_classes=4)
+    x = torch.rand(6, 16, 12) * 3
+    learner.step(x, torch.randint(0, 4, (16,)))
+    readouts = []
+    handle = model[2].register_forward_hook(lambda m, i, o: readouts.append(o.detach()))
+    last = learner.predict(x)
+    handle.remove()
+    assert len(readouts) == 6 and torch.equal(last, readouts[-1].argmax(-1))
+    summed = learner.predict(x, over="sum")
+    assert torch.equal(summed, torch.stack(readouts).sum(0).argmax(-1)) and not torch.equal(summed, last)
+    with pytest.raises(slr.WrapError, match="over must be 'last'.*'sum'"):
+        learner.predict(x, over="mean")
+    learner.unwrap()
+
+
 def test_a_batch_of_one_class_is_reported_once():
     model = _mlp()
     learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4)

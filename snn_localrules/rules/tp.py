@@ -639,9 +639,14 @@ class TP(Rule):
         self._label_traces = {}
 
     @torch.no_grad()
-    def predict(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """Class indices ``[B]``: argmax of the readout at the last step (or of the output neuron's spike
-        counts when the model ends with a neuron)."""
+    def predict(self, x_seq: torch.Tensor, over: str = "last") -> torch.Tensor:
+        """Class indices ``[B]``: argmax of the readout at the last step, as the paper evaluates
+        (``over="last"``), or of the readout summed over all steps (``over="sum"``: for inputs whose last
+        steps are silent, where the traces have decayed by then). A model that ends with a neuron: argmax of
+        its spike counts, either way."""
+        if over not in ("last", "sum"):
+            raise WrapError(f"over must be 'last' (the readout at the last step) or 'sum' (summed over the "
+                            f"steps), got {over!r}.")
         self._check_wrapped()
         check_sequence_batch(x_seq)
         sequence_model = self._sequence_model()
@@ -649,18 +654,17 @@ class TP(Rule):
             if self._order is None:
                 self._learn_layer_order(x_seq[0], sequence_model)
             self.reset_state()
-            return self._predict(x_seq, sequence_model)
+            return self._predict(x_seq, sequence_model, over)
 
-    def _predict(self, x_seq: torch.Tensor, sequence_model: bool) -> torch.Tensor:
-        counts = None
+    def _predict(self, x_seq: torch.Tensor, sequence_model: bool, over: str = "last") -> torch.Tensor:
         try:
             # one step per call: the trace hooks advance one step at a time
             outs = [run_in_time(self.model, x_seq[t : t + 1], sequence_model, self.output)[0] for t in range(len(x_seq))]
-            if self.neuron_output:
-                counts = torch.stack(outs).sum(0)
         finally:
             self.reset_state()
-        return (counts if counts is not None else outs[-1]).argmax(-1)
+        if self.neuron_output or over == "sum":
+            return torch.stack([_at_least_float32(o) for o in outs]).sum(0).argmax(-1)
+        return outs[-1].argmax(-1)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
