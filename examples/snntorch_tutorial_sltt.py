@@ -138,13 +138,14 @@ def train(net, data, args, rule: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1024 training / 256 held-out digits")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs")
     parser.add_argument("--steps", type=int, default=25, help="time steps (num_steps)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join("examples", "output"), help="directory for the figure")
+    parser.add_argument("--batch-size", type=int, default=128, help="samples per batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, the initial weights and the batch order")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"), help="directory for the figure")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")

@@ -119,10 +119,9 @@ def speech_data(args):
 
     missing = missing_synthesizers()
     if missing:
-        print(f"--data speech needs the text-to-speech program(s) {', '.join(missing)}, not found on PATH. "
-              f"Install them (Debian/Ubuntu: sudo apt-get install -y {' '.join(missing)}) or run with "
-              "--data digits. Skipping.")
-        sys.exit(0)
+        sys.exit(f"--data speech needs the text-to-speech program(s) {', '.join(missing)}, not found on PATH. "
+                 f"Install them (Debian/Ubuntu: sudo apt-get install -y {' '.join(missing)}) or run with "
+                 "--data digits.")
     data = load_keyword_events(T=args.T, seed=args.seed, quick=args.quick)
     x, y, _ = data.of_split("train")
     gen = torch.Generator().manual_seed(args.seed)
@@ -155,23 +154,25 @@ def draw_shots(y: torch.Tensor, group: torch.Tensor, target: int, shots: int, ge
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Few-shot adaptation to a new writer/speaker with TP")
-    p.add_argument("--data", choices=("digits", "speech"), default="digits")
+    p = argparse.ArgumentParser(description="Few-shot adaptation to a new writer/speaker with TP", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", choices=("digits", "speech"), default="digits", help="handwritten digits (a simulated new writer) or spoken keywords (a new synthetic voice)")
     p.add_argument("--quick", action="store_true", help="small subsets, 2 draws: a smoke run")
     p.add_argument("--epochs", type=int, default=3, help="pretraining epochs")
     p.add_argument("--T", type=int, default=None, help="time steps (default 10 digits, 20 speech)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of pretraining")
     p.add_argument("--adapt-lr", type=float, default=1e-3, help="Adam lr of the adaptation")
     p.add_argument("--adapt-steps", type=int, default=30, help="TP steps on the shot set")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="samples per class of the new writer/speaker")
     p.add_argument("--draws", type=int, default=5, help="random draws of the shots")
     p.add_argument("--freeze", default="0",
                    help="comma-separated hidden layers kept frozen during adaptation ('' adapts all)")
     p.add_argument("--slant", type=float, default=0.45, help="shear of the simulated writer (digits)")
-    p.add_argument("--out", default=os.path.join("examples", "output"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"), help="directory for the figure")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the initial weights and the batch order")
     args = p.parse_args(argv)
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
     args.T = args.T or (10 if args.data == "digits" else 20)
     if args.quick:
         args.draws = min(args.draws, 2)
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
         print(f"figure: {figure}")
 
     last = args.shots[-1]
-    result = {"accuracy": round(results[last]["after"], 2), "figure": figure, "data": args.data,
+    result = {"example": "tp_fewshot", "accuracy": round(results[last]["after"], 2), "figure": figure, "data": args.data,
               "source_accuracy": round(curve[-1], 2) if curve else None, "draws": args.draws}
     for s in args.shots:
         for key, value in results[s].items():

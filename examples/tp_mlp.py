@@ -56,15 +56,17 @@ def evaluate(learner, x, y, batch=250) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Traces Propagation on the N-MNIST MLP preset")
+    p = argparse.ArgumentParser(description="Traces Propagation on the N-MNIST MLP preset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="800 training / 200 held-out samples")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--T", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--T", type=int, default=10, help="time bins per sample")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (one step per time step)")
-    p.add_argument("--out", default=os.path.join("examples", "output"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"), help="directory for the figure")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the initial weights and the batch order")
     args = p.parse_args(argv)
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
 
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         fig.savefig(figure, dpi=120)
         plt.close(fig)
         print(f"figure: {figure}")
-    print("RESULT " + json.dumps({"accuracy": round(accuracies[-1], 2), "figure": figure,
+    print("RESULT " + json.dumps({"example": "tp_mlp", "accuracy": round(accuracies[-1], 2), "figure": figure,
                                   "epochs": args.epochs, "train": len(y_tr), "test": len(y_te)}))
     return 0
 

@@ -60,20 +60,22 @@ def evaluate(learner, x, y, batch=200) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Traces Propagation on a reduced VGG-9")
+    p = argparse.ArgumentParser(description="Traces Propagation on a reduced VGG-9", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="128 training / 100 held-out samples")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="training epochs")
     p.add_argument("--train", type=int, default=2000, help="training samples used (of 4000)")
     p.add_argument("--width", type=float, default=0.125, help="VGG-9 channel multiplier")
     p.add_argument("--threshold", type=float, default=0.5, help="LIF threshold")
-    p.add_argument("--T", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--T", type=int, default=10, help="time bins per sample")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (one step per time step)")
     p.add_argument("--trace-decay", type=float, default=slr.presets.tp_options("dvs-cifar10")["trace_decay"],
                    help="TP's trace decay beta (default: the authors' DVS-CIFAR10 value)")
-    p.add_argument("--out", default=os.path.join("examples", "output"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"), help="directory for the figure")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the initial weights and the batch order")
     args = p.parse_args(argv)
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
 
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
         fig.savefig(figure, dpi=120)
         plt.close(fig)
         print(f"figure: {figure}")
-    print("RESULT " + json.dumps({"accuracy": round(accuracies[-1], 2), "figure": figure, "epochs": args.epochs,
+    print("RESULT " + json.dumps({"example": "tp_vgg9", "accuracy": round(accuracies[-1], 2), "figure": figure, "epochs": args.epochs,
                                   "width": args.width, "trace_decay": args.trace_decay, "train": len(y_tr),
                                   "test": len(y_te)}))
     return 0

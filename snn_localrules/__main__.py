@@ -5,8 +5,21 @@ from __future__ import annotations
 import sys
 
 
+USAGE = """usage: snn-localrules [demo|bench] [options]
+
+  demo [--quick] ...    the main job: a VGG-like SpikingJelly SNN on MNIST-5k event frames, trained with
+                        BPTT and with online SLTT; accuracy, peak memory and time of each (the default command)
+  bench [memory|accuracy|tp-memory|all] [--quick] [--plot-only]
+                        the benchmarks (from a source checkout): JSON and PNG in benchmarks/results/
+
+'snn-localrules demo --help' and 'snn-localrules bench --help' list each command's options."""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"], ["help"]):
+        print(USAGE)
+        return 0
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
     if command == "demo":
         from .demo import main as demo_main
@@ -26,7 +39,7 @@ def main(argv=None) -> int:
         cli = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(cli)
         return cli.main(argv)
-    print(f"unknown command {command!r}; use 'demo' or 'bench'", file=sys.stderr)
+    print(f"unknown command {command!r}; use 'demo' or 'bench'\n\n{USAGE}", file=sys.stderr)
     return 2
 
 

@@ -439,7 +439,7 @@ class SHD(EventDataset):
     LAYOUT = "  <root>/shd_train.h5\n  <root>/shd_test.h5"
     SOURCE = (
         "https://zenkelab.org/resources/spiking-heidelberg-datasets-shd/ "
-        "(shd_train.h5 and shd_test.h5, each packed as .zip or .gz: unpack them)"
+        "(shd_train.h5 and shd_test.h5, each packed as .zip or .gz)"
     )
 
     def __init__(
