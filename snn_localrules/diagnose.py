@@ -140,6 +140,11 @@ class Diagnosis:
             lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
         return "\n".join(lines)
 
+    def ratio_range(self) -> str:
+        """The layers' norm ratios ``|g_sltt| / |g_bptt|``, smallest to largest, as text."""
+        ratios = [r.norm_ratio for r in self.layers if math.isfinite(r.norm_ratio)]
+        return f"norm ratios {min(ratios):.3g} to {max(ratios):.3g}" if ratios else "no norm ratio"
+
     def summary(self) -> str:
         """Memory and verdict in a few lines."""
         lines = [f"batch: T={self.T}, B={self.batch_size}, loss {self.loss:.4f}"]
@@ -154,8 +159,12 @@ class Diagnosis:
         if self.poor:
             lines.append(f"POOR: cosine below {self.threshold} in {', '.join(self.poor_layers)}; SLTT trains "
                          "these layers in another direction than BPTT")
+        elif self.cosine < self.threshold:  # each layer points the right way, their sizes do not
+            lines.append(f"MIXED: cosine >= {self.threshold} in every layer but {self.cosine:.3f} over the whole "
+                         f"model: SLTT shrinks some layers' gradients much more than others' ({self.ratio_range()}), "
+                         "so those layers learn at another pace than under BPTT")
         else:
-            lines.append(f"ok: cosine >= {self.threshold} in every layer")
+            lines.append(f"ok: cosine >= {self.threshold} in every layer and over the whole model")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -377,6 +386,16 @@ def diagnose(
                 f"{listed}. SLTT drops the gradient through the neurons' memory, which matters for slow-decaying "
                 "(large tau, beta near 1) and two-state (synaptic current) neurons. Train with BPTT (or a "
                 "memory-saving exact method), or use faster-decaying neurons, if accuracy suffers."
+            ),
+            stacklevel=2,
+        )
+    elif warn and cosine < threshold:
+        warnings.warn(
+            SLTTApproximationWarning(
+                f"SLTT's gradient points as BPTT's in every layer (cosine >= {threshold}) but not over the whole "
+                f"model (cosine {cosine:.3f}): it scales the layers unevenly ({result.ratio_range()}), so they "
+                "learn at other relative paces than under BPTT. Typical of slow-decaying or two-state neurons; "
+                "watch the accuracy, or train with BPTT."
             ),
             stacklevel=2,
         )

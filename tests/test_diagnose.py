@@ -221,6 +221,25 @@ def test_warns_for_slow_synaptic_neurons():
     assert quiet.poor_layers == result.poor_layers
 
 
+def test_every_layer_right_but_the_whole_model_not_is_reported():
+    """snnTorch Synaptic (alpha 0.8, beta 0.9) MLP: each layer's SLTT gradient points as BPTT's (cosine >=
+    0.7) but their sizes differ 9x between layers: over the whole model the cosine is 0.61. The verdict had
+    read 'ok' under that table."""
+    import snntorch as snn
+
+    from snn_localrules.data import load_mnist5k
+
+    (x, y), _ = load_mnist5k(seed=0)
+    x_seq, y = x[:32].unsqueeze(0).expand(8, 32, *x.shape[1:]).contiguous(), y[:32]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 100), snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True),
+                          nn.Linear(100, 10), snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True, output=True))
+    with pytest.warns(slr.SLTTApproximationWarning, match=r"every layer.*not over the whole model.*norm ratios"):
+        result = slr.diagnose(model, x_seq, y)
+    assert not result.poor and result.cosine < POOR_COSINE
+    assert "MIXED" in result.summary() and "ok:" not in result.summary()
+
+
 def test_fast_lif_does_not_warn():
     from spikingjelly.activation_based import functional, layer, neuron
 
