@@ -21,6 +21,8 @@ if [ -n "$TORCH_SPEC" ]; then
 fi
 # shellcheck disable=SC2086
 "${PIP[@]}" --no-deps $FRAMEWORKS "mlxtend==0.25.0"
+echo "note: pip may print 'ERROR: pip's dependency resolver ... requires torchvision ...' below: the frameworks" \
+     "are installed without their declared extras on purpose (see the top of install.sh); nothing is missing."
 "${PIP[@]}" "numpy" "loguru>=0.7,<1" "pluggy>=1.0" "tqdm" "h5py" "packaging" "pytest>=7" \
   "wheel"  # a setuptools older than 70.1 (a fresh venv's, which torch 2.11 keeps) builds wheels only with it
 "${PIP[@]}" "matplotlib"   # figures of examples/ and benchmarks/ (the [examples] extra)

@@ -245,6 +245,8 @@ def main(argv=None) -> int:
         fig, (ax_pre, ax_shots) = plt.subplots(1, 2, figsize=(9, 3.6))
         ax_pre.plot(range(1, len(curve) + 1), curve, marker="o")
         ax_pre.set_xlabel("pretraining epoch")
+        ax_pre.set_xticks(range(1, len(curve) + 1))  # whole epochs (a one-epoch run had ticks 0.96...1.04)
+        ax_pre.set_xlim(0.5, len(curve) + 0.5)
         ax_pre.set_ylabel("source held-out accuracy (%)")
         ax_pre.set_title("TP pretraining")
         labels = [f"{s}-shot" for s in args.shots]
@@ -256,7 +258,8 @@ def main(argv=None) -> int:
         ax_shots.set_xticks(list(pos), labels)
         ax_shots.set_ylabel("new writer/speaker accuracy (%)")
         ax_shots.set_title(f"{args.data}: {args.draws} draws, mean +- std")
-        ax_shots.legend(loc="lower right")
+        ax_shots.set_ylim(0, 125)  # room above 100% for the legend, off the bars
+        ax_shots.legend(loc="upper center", ncol=2, fontsize=8)
         fig.tight_layout()
         figure = os.path.join(args.out, f"tp_fewshot_{args.data}.png")
         fig.savefig(figure, dpi=120)

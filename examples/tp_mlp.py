@@ -101,17 +101,21 @@ def main(argv=None) -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("matplotlib is not installed, no figure written: pip install snn-localrules[examples]")
     else:
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.6))
         ax_acc.plot(range(1, len(accuracies) + 1), accuracies, marker="o", color="tab:red")
         ax_acc.set_xlabel("epoch")
+        ax_acc.set_xticks(range(1, len(accuracies) + 1))  # whole epochs (a one-epoch run had ticks 0.96...1.04)
+        ax_acc.set_xlim(0.5, len(accuracies) + 0.5)
         ax_acc.set_ylabel("held-out accuracy (%)")
         ax_acc.set_title("TP, MLP 2312-200-10")
         ax_loss.plot(layer_curve, label="hidden layer (contrastive)")
         ax_loss.plot(readout_curve, label="readout (CE)")
         ax_loss.set_xlabel("batch")
+        ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_loss.set_ylabel("loss per time step")
         ax_loss.legend()
         fig.tight_layout()

@@ -111,6 +111,7 @@ def main(argv=None) -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("matplotlib is not installed, no figure written: pip install snn-localrules[examples]")
     else:
@@ -118,6 +119,8 @@ def main(argv=None) -> int:
         ax_acc.plot(range(1, len(accuracies) + 1), accuracies, marker="o", color="tab:red")
         ax_acc.axhline(10.0, color="gray", linestyle=":", linewidth=0.8)
         ax_acc.set_xlabel("epoch")
+        ax_acc.set_xticks(range(1, len(accuracies) + 1))  # whole epochs (a one-epoch run had ticks 0.96...1.04)
+        ax_acc.set_xlim(0.5, len(accuracies) + 0.5)
         ax_acc.set_ylabel("held-out accuracy (%)")
         ax_acc.set_title(f"TP, VGG-9 width {args.width}")
         curves = torch.tensor(layer_curves)
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
             ax_loss.plot(curves[:, layer_index], label=f"conv {layer_index + 1}", linewidth=1)
         ax_loss.plot(readout_curve, label="readout (CE)", color="black", linewidth=1.5)
         ax_loss.set_xlabel("batch")
+        ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_loss.set_ylabel("loss per time step")
         ax_loss.legend(fontsize=7, ncol=2)
         fig.tight_layout()

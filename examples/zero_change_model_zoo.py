@@ -173,6 +173,8 @@ def main(argv=None) -> int:
         ax_acc.plot(range(1, args.epochs + 1), test_accuracy, marker="o")
         ax_acc.set_xticks(range(1, args.epochs + 1))
         ax_acc.set_xlabel("epoch")
+        ax_acc.set_xticks(range(1, args.epochs + 1))  # whole epochs (a one-epoch run had ticks 0.96...1.04)
+        ax_acc.set_xlim(0.5, args.epochs + 0.5)
         ax_acc.set_ylabel("held-out accuracy (%)")
         ax_acc.set_title(f"T={args.T}; grad cosine SLTT/BPTT at start {cosine:.3f}")
         fig.tight_layout()
