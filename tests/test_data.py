@@ -253,6 +253,54 @@ def test_event_dataset_subclass_without_files_caches_by_index(tmp_path):
     assert len([f for _, _, fs in os.walk(tmp_path) for f in fs]) == 1
 
 
+def test_processes_filling_one_cache_at_once_do_not_collide(tmp_path):
+    """Every writer had the same temporary name (<file>.tmp): a second writer's rename found it moved
+    away (FileNotFoundError in 28 of 40 concurrent reads, four processes sharing an SHD cache). Threads
+    race the same way."""
+    import shutil
+    import threading
+
+    write_nmnist(tmp_path / "d.bin", [1, 2, 3], [4, 5, 6], [0, 1, 0], [0, 10, 20])
+    os.makedirs(tmp_path / "Test" / "0")
+    shutil.copy(tmp_path / "d.bin", tmp_path / "Test" / "0" / "a.bin")
+    errors = []
+    for _ in range(10):
+        cache = tmp_path / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        ds = NMNIST(str(tmp_path), train=False, T=2, cache_dir=str(cache))
+
+        def read():
+            try:
+                ds[0]
+            except Exception as error:  # noqa: BLE001 - collected for the assertion
+                errors.append(error)
+
+        threads = [threading.Thread(target=read) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".tmp")]
+    assert not errors, errors[:2]
+
+
+def test_dataset_settings_that_cannot_work_are_refused_at_construction(tmp_path):
+    """They had given all-zero frames (duration 0), a ZeroDivisionError at the first item (size 0), a
+    silently truncated T (2.5) and h5py's bare 'file signature not found' for a still-packed SHD file."""
+    write_nmnist(tmp_path / "x.bin", [1], [2], [0], [5])
+    os.makedirs(tmp_path / "Test" / "0")
+    os.replace(tmp_path / "x.bin", tmp_path / "Test" / "0" / "x.bin")
+    for bad, message in ((dict(duration=0), "duration must be a positive number"),
+                         (dict(duration=-5), "duration must be a positive number"),
+                         (dict(size=0), "size must be a positive"), (dict(T=2.5), "T must be a positive int")):
+        with pytest.raises(ValueError, match=message):
+            NMNIST(str(tmp_path), train=False, **bad)
+    pytest.importorskip("h5py")
+    (tmp_path / "shd_test.h5").write_bytes(b"\x1f\x8b\x08 not unpacked")
+    with pytest.raises(ValueError, match=r"shd_test.h5 is not an SHD HDF5 file.*unpack it first"):
+        SHD(str(tmp_path), train=False)
+
+
 def test_nmnist_overflow_marker(tmp_path):
     write_nmnist(tmp_path / "o.bin", [1, 0, 2], [2, 240, 3], [1, 0, 0], [10, 0, 20])
     ev = read_nmnist_bin(str(tmp_path / "o.bin"))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .events import _pair, time_bins, to_frames
+from .events import _pair, save_atomically, time_bins, to_frames
 
 __all__ = [
     "EVENT_DTYPE",
@@ -284,8 +284,11 @@ class EventDataset(Dataset):
         target_transform: Optional[Callable] = None,
         cache_dir: Optional[str] = None,
     ):
-        if T < 1:
-            raise ValueError(f"T must be >= 1, got {T}")
+        if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+            raise ValueError(f"T must be a positive int (time bins per sample), got {T!r}")
+        if duration is not None and not (isinstance(duration, (int, float, np.number)) and duration > 0):
+            raise ValueError(f"duration must be a positive number (the window binned into T bins) or None, got "
+                             f"{duration!r}")
         if split_by not in ("time", "number"):
             raise ValueError(f"split_by must be 'time' or 'number', got {split_by!r}")
         self.T = int(T)
@@ -342,9 +345,7 @@ class EventDataset(Dataset):
         else:
             frames = self.frames(i)
             if path is not None:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.save(frames, path + ".tmp")
-                os.replace(path + ".tmp", path)
+                save_atomically(frames, path)
         label = self.targets[i]
         if self.transform is not None:
             frames = self.transform(frames)
@@ -359,6 +360,8 @@ class _CameraDataset(EventDataset):
     def __init__(self, T, size, duration, split_by, transform, target_transform, cache_dir):
         super().__init__(T, duration, split_by, transform, target_transform, cache_dir)
         self.size = _pair(size) if size is not None else tuple(self.sensor_size)
+        if min(self.size) < 1:
+            raise ValueError(f"size must be a positive output height (= width) or (H, W), got {size!r}")
 
     def _cache_key(self) -> dict:
         return dict(
@@ -465,10 +468,16 @@ class SHD(EventDataset):
             import h5py
         except ImportError as e:  # pragma: no cover - h5py is in install.sh
             raise ImportError("Reading SHD needs h5py: pip install snn-localrules[data] (or h5py)") from e
-        with h5py.File(self.path, "r") as f:
-            self.times = [np.asarray(a) for a in f["spikes"]["times"][:]]
-            self.units = [np.asarray(a) for a in f["spikes"]["units"][:]]
-            self.targets = [int(v) for v in np.asarray(f["labels"][:])]
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.times = [np.asarray(a) for a in f["spikes"]["times"][:]]
+                self.units = [np.asarray(a) for a in f["spikes"]["units"][:]]
+                self.targets = [int(v) for v in np.asarray(f["labels"][:])]
+        except (OSError, KeyError) as error:
+            raise ValueError(
+                f"{self.path} is not an SHD HDF5 file with spikes/times, spikes/units and labels ({error}); if "
+                "it is still packed (.gz, .zip), unpack it first."
+            ) from error
         if not len(self.times) == len(self.units) == len(self.targets):
             raise ValueError(f"{self.path}: spikes/times, spikes/units and labels differ in length")
 
@@ -546,10 +555,12 @@ class DVSGesture(_CameraDataset):
                 if m and (int(m.group(1)) <= 23) == train:
                     names.append(os.path.basename(path))
         self.samples: List[Tuple[str, int, int]] = []  # (file, start_us, end_us)
+        absent = []
         for name in names:
             path = os.path.join(root, name)
             labels = path[: -len(".aedat")] + "_labels.csv"
             if not (os.path.isfile(path) and os.path.isfile(labels)):
+                absent.append(name)
                 continue
             for cls, start, end in read_gesture_labels(labels):
                 self.samples.append((path, int(start), int(end)))
@@ -557,6 +568,12 @@ class DVSGesture(_CameraDataset):
         if not self.samples:
             split = "train" if train else "test"
             raise _missing(f"DVS128 Gesture ({split} trials)", root, self.LAYOUT, self.SOURCE)
+        if absent:  # a partly unpacked archive
+            warnings.warn(
+                f"DVS128 Gesture: {len(absent)} of the {len(names)} trials listed are missing their .aedat or "
+                f"_labels.csv file under {root!r} (e.g. {absent[0]}) and are left out; unpack the whole "
+                "DvsGesture.tar.gz to use them.", UserWarning, stacklevel=2,
+            )
         self.cache_files = max(1, int(cache_files))
         self._file_cache: "collections.OrderedDict[str, np.ndarray]" = collections.OrderedDict()
 
@@ -618,6 +635,8 @@ class CIFAR10DVS(_CameraDataset):
         cache_dir: Optional[str] = None,
     ):
         super().__init__(T, size, duration, split_by, transform, target_transform, cache_dir)
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
         if convention not in ("jaer", "raw", "spikingjelly"):
             raise ValueError(f"convention must be 'jaer', 'raw' or 'spikingjelly', got {convention!r}")
         root = os.path.expanduser(root)

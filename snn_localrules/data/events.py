@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -420,16 +421,30 @@ def _events_for_splits(
     return (ev[:n_tr], y_tr), (ev[n_tr:], y_te)
 
 
+def save_atomically(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file of this call's own in the same folder, then an
+    atomic rename: processes (DDP ranks, DataLoader workers, a sweep) that fill one cache at the same time
+    never read a half-written file, nor rename each other's temporary file away."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def _cached(cache_file: Optional[str], make) -> Tuple[Split, Split]:
     if cache_file is not None and os.path.exists(cache_file):
         d = torch.load(cache_file)
         return (d["x_train"], d["y_train"]), (d["x_test"], d["y_test"])
     (x_tr, y_tr), (x_te, y_te) = make()
     if cache_file is not None:
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        tmp = cache_file + ".tmp"
-        torch.save({"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}, tmp)
-        os.replace(tmp, cache_file)
+        save_atomically({"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}, cache_file)
     return (x_tr, y_tr), (x_te, y_te)
 
 

@@ -44,6 +44,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .events import save_atomically
+
 #: the ten core keywords of Google Speech Commands (the keyword-spotting set of the TP paper)
 SPEECH_COMMANDS_10 = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 #: the ten digits, an alternative keyword set
@@ -389,9 +391,6 @@ def load_keyword_events(
         speakers=[spk.name for _, spk in groups],
     )
     if cache_file is not None:
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        tmp = cache_file + f".{os.getpid()}.tmp"
-        torch.save(dict(x=data.x, y=data.y, speaker=data.speaker, split=[str(v) for v in data.split],
-                        keywords=list(data.keywords), speakers=data.speakers), tmp)
-        os.replace(tmp, cache_file)
+        save_atomically(dict(x=data.x, y=data.y, speaker=data.speaker, split=[str(v) for v in data.split],
+                             keywords=list(data.keywords), speakers=data.speakers), cache_file)
     return data
