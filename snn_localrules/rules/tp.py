@@ -64,8 +64,9 @@ class TPStats:
     :ivar prediction: class indices ``[B]``, computed as :meth:`TP.predict` computes them (the readout's
         argmax at the last step, or the argmax of the output summed over the steps when the model ends with
         a neuron) but while training on this batch: the last step comes after the updates of the batch's
-        first T-1 steps, so :meth:`correct` reads higher than ``predict`` on the same batch before the step
-        (with Adam at lr 1e-3 on a small SHD set: 100% against 43%). Measure accuracy with ``predict``.
+        first T-1 steps, so :meth:`correct` reads higher than ``predict`` (on a small SHD set, Adam lr 1e-3,
+        an epoch's ``correct`` summed to 100% where ``predict`` over the same training set gave 43%).
+        Measure accuracy with ``predict``.
     :ivar T: number of time steps.
     :ivar silent_layers: hidden layers (indices) whose data path never spiked in this batch.
     :ivar skipped_steps: with a ``scaler``, the time steps whose optimizer step was skipped because the
