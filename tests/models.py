@@ -81,3 +81,15 @@ class ATanSpike(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad / (1 + (torch.pi * x) ** 2)
+
+
+class LoopsOverTime(nn.Module):
+    """A forward that steps through the first dimension of its input itself, calling ``net`` (whose neurons
+    keep their state, init_hidden=True) once per step: what multi_step=True is for."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_seq):
+        return torch.stack([self.net(x)[0] for x in x_seq])

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import snn_localrules as slr
-from models import sj_conv, sj_mlp, snn_sequential
+from models import LoopsOverTime, sj_conv, sj_mlp, snn_sequential
 from conftest import skip_unless_eval_mode_neurons_have_gradients
 
 pytest.importorskip("spikingjelly")
@@ -420,17 +420,6 @@ def test_a_deep_copy_of_a_learner_is_the_learner_of_its_model_copy():
     learner.unwrap()
 
 
-class _LoopsOverTime(nn.Module):
-    """A forward that steps through its [c, B, ...] input itself: what multi_step=True is for."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x_seq):
-        return torch.stack([self.net(x)[0] for x in x_seq])
-
-
 @pytest.mark.parametrize("rule", ["sltt", "tp"])
 def test_multi_step_true_on_neurons_that_take_one_step_per_call_is_refused(rule):
     """snnTorch neurons fed [c, B, ...] take the steps for samples: no state from step to step, gradients
@@ -454,6 +443,6 @@ def test_multi_step_true_on_neurons_that_take_one_step_per_call_is_refused(rule)
         torch.manual_seed(0)
         _, g_plain = _online(snn_sequential(), x, y, chunk=3)
         torch.manual_seed(0)
-        _, g_looped = _online(_LoopsOverTime(snn_sequential()), x, y, chunk=3, multi_step=True)
+        _, g_looped = _online(LoopsOverTime(snn_sequential()), x, y, chunk=3, multi_step=True)
         for a, b in zip(g_plain, g_looped):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import snn_localrules as slr
 from conftest import assert_same_snapshot, snapshot
-from models import TutorialNet, sj_conv, sj_mlp, snn_sequential
+from models import LoopsOverTime, TutorialNet, sj_conv, sj_mlp, snn_sequential
 
 pytest.importorskip("spikingjelly")
 pytest.importorskip("snntorch")
@@ -248,20 +248,9 @@ def test_online_refuses_model_that_owns_time_loop():
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
-class _LoopsOverTime(nn.Module):
-    """init_hidden=True neurons, but a forward that steps through the first dimension of its input."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x_seq):
-        return torch.stack([self.net(x)[0] for x in x_seq])
-
-
 def test_online_refuses_a_forward_that_loops_over_time_before_any_update():
     torch.manual_seed(3)
-    model = _LoopsOverTime(snn_sequential())
+    model = LoopsOverTime(snn_sequential())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.rand(4, 3, 12), torch.randint(0, 5, (3,))
     learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
@@ -271,7 +260,7 @@ def test_online_refuses_a_forward_that_loops_over_time_before_any_update():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     # as the message says: fed [T, B, ...] sequences, the same forward trains as the plain Sequential does
-    learner = slr.wrap(model := _LoopsOverTime(snn_sequential()), rule="sltt", multi_step=True,
+    learner = slr.wrap(model := LoopsOverTime(snn_sequential()), rule="sltt", multi_step=True,
                        optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
     model.load_state_dict(before)
     plain = snn_sequential()
