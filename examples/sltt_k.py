@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="320 training / 200 held-out samples")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs")
     parser.add_argument("--T", type=int, default=10, help="time bins per sample")
-    parser.add_argument("--K", type=int, nargs="+", default=None, help="K values (default: 1 2 T)")
+    parser.add_argument("--K", type=int, nargs="+", default=None, help="K values (none given: 1, 2 and T)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, the initial weights and the batch order")
@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
     Ks = sorted(set(args.K or [1, 2, args.T]))
     if Ks[0] < 1 or Ks[-1] > args.T:
         parser.error(f"every K must lie in 1..T={args.T}, got {Ks}")

@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
     os.makedirs(args.out, exist_ok=True)
 
     (x_train, y_train), (x_test, y_test) = load_mnist5k(seed=args.seed)  # [N, 1, 28, 28] in [0, 1]

@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     show_bars = sys.stderr.isatty()

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", choices=("digits", "speech"), default="digits", help="handwritten digits (a simulated new writer) or spoken keywords (a new synthetic voice)")
     p.add_argument("--quick", action="store_true", help="small subsets, 2 draws: a smoke run")
     p.add_argument("--epochs", type=int, default=3, help="pretraining epochs")
-    p.add_argument("--T", type=int, default=None, help="time steps (default 10 digits, 20 speech)")
+    p.add_argument("--T", type=int, default=None, help="time steps (none given: 10 for digits, 20 for speech)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of pretraining")
     p.add_argument("--adapt-lr", type=float, default=1e-3, help="Adam lr of the adaptation")
@@ -188,6 +188,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.T is not None and args.T < 1:
+        p.error("--T must be >= 1")
     args.T = args.T or (10 if args.data == "digits" else 20)
     args.over = args.over or ("last" if args.data == "digits" else "sum")
     if args.quick:

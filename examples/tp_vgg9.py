@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
 

@@ -10,7 +10,7 @@ USAGE = """usage: snn-localrules [demo|bench] [options]
   demo [--quick] ...    the main job: a SpikingJelly conv SNN on MNIST-5k (each image the input current of
                         every step), trained with BPTT and with online SLTT; held-out accuracy, peak memory
                         and time of each (the default command)
-  bench [memory|accuracy|tp-memory|all] [--quick] [--plot-only]
+  bench [memory|accuracy|tp-memory|gpu|all] [--quick] [--plot-only]
                         the benchmarks (from a source checkout): JSON and PNG in benchmarks/results/
 
 'snn-localrules demo --help' and 'snn-localrules bench --help' list each command's options."""

@@ -83,9 +83,10 @@ def _looks_like_neuron(module: nn.Module) -> bool:
     state = any(hasattr(module, attr) for attr in ("threshold", "mem"))
     if not list(module.children()):
         return named or state or hasattr(module, "v_threshold")
-    # with children: SpikingJelly's v_threshold, or a neuron's name and state (a pruner's threshold or a
-    # block of memory tokens is no neuron)
-    return hasattr(module, "v_threshold") or (named and state)
+    # with children: SpikingJelly's v_threshold, a threshold and a membrane, or a neuron's name and one of
+    # them (a pruner's threshold alone, or a block of memory tokens, is no neuron)
+    both = hasattr(module, "threshold") and hasattr(module, "mem")
+    return hasattr(module, "v_threshold") or both or (named and state)
 
 
 def find_neurons(model: nn.Module) -> List[NeuronAdapter]:

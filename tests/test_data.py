@@ -282,6 +282,10 @@ def test_processes_filling_one_cache_at_once_do_not_collide(tmp_path):
             t.join()
         assert not [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".tmp")]
     assert not errors, errors[:2]
+    # as readable as torch.save makes a file (mkstemp's 0600 had kept a group's shared cache from the group)
+    torch.save(torch.zeros(1), tmp_path / "plain.pt")
+    cached = next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache") for f in fs)
+    assert os.stat(cached).st_mode & 0o777 == os.stat(tmp_path / "plain.pt").st_mode & 0o777
 
 
 def test_dataset_settings_that_cannot_work_are_refused_at_construction(tmp_path):

@@ -446,3 +446,47 @@ def test_multi_step_true_on_neurons_that_take_one_step_per_call_is_refused(rule)
         _, g_looped = _online(LoopsOverTime(snn_sequential()), x, y, chunk=3, multi_step=True)
         for a, b in zip(g_plain, g_looped):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _TokensPerStep(nn.Module):
+    """One step [B, F] -> [B, C] whose neurons see torch's sequence-first tokens [N, B, H]."""
+
+    def __init__(self):
+        super().__init__()
+        from spikingjelly.activation_based import neuron
+
+        self.emb, self.lif, self.out = nn.Linear(12, 3 * 8), neuron.LIFNode(v_threshold=0.3), nn.Linear(8, 5)
+
+    def forward(self, x):
+        tokens = self.emb(x).reshape(x.shape[0], 3, 8).transpose(0, 1)  # [N, B, H]
+        return self.out(self.lif(tokens).mean(0))
+
+
+def test_multi_step_true_check_passes_a_forward_stepping_over_tokens_and_catches_the_rest():
+    """Neurons of a self-stepping forward may get [N, B, H] tokens (not [B, ...]): only an input that is
+    the call's [c, B, ...] sequence itself counts as steps taken for samples. predict() before any step()
+    with T == B, and a batch norm after the neurons, are caught too (they had passed, and given torch's
+    shape error)."""
+    x, y = torch.rand(5, 4, 12) * 2, torch.randint(0, 5, (4,))
+    torch.manual_seed(0)
+    _, g_step = _online(_TokensPerStep(), x, y)
+    torch.manual_seed(0)
+    _, g_seq = _online(LoopsOverTime(nn.Sequential(_TokensPerStep(), nn.Unflatten(0, (1, -1)))), x, y,
+                       multi_step=True)
+    for a, b in zip(g_step, g_seq):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    message = r"fed \[c, B, \.\.\.\] sequences \(multi_step=True\)"
+    model = snn_sequential()
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), multi_step=True)
+    with pytest.raises(slr.LayoutError, match=message):
+        learner.predict(torch.rand(3, 3, 12))  # T == B
+    learner.unwrap()
+    import snntorch as snn
+
+    model = nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.8, init_hidden=True), nn.BatchNorm1d(16),
+                          nn.Linear(16, 5))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), multi_step=True)
+    with pytest.raises(slr.LayoutError, match=message):
+        learner.step(x, y)
+    learner.unwrap()
+

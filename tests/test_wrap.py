@@ -142,6 +142,15 @@ def test_a_look_alike_neuron_holding_child_modules_is_named():
             super().__init__()
             self.mem, self.proj = nn.Parameter(torch.zeros(4, 5)), nn.Linear(5, 5)
 
+    class IzhCell(nn.Module):  # no neuron word in its name, but a threshold and a membrane
+        def __init__(self):
+            super().__init__()
+            self.threshold, self.mem = 1.0, 0.0
+            self.surrogate_function = surrogate.ATan()
+
+    with pytest.warns(UserWarning, match=r"time steps\): 4 \(.*IzhCell\)\. If"):
+        slr.wrap(sj_mlp().append(IzhCell()), rule="sltt").unwrap()
+
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")

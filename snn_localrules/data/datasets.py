@@ -286,7 +286,8 @@ class EventDataset(Dataset):
     ):
         if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
             raise ValueError(f"T must be a positive int (time bins per sample), got {T!r}")
-        if duration is not None and not (isinstance(duration, (int, float, np.number)) and duration > 0):
+        if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float, np.number))
+                                     or not 0 < duration < float("inf")):
             raise ValueError(f"duration must be a positive number (the window binned into T bins) or None, got "
                              f"{duration!r}")
         if split_by not in ("time", "number"):

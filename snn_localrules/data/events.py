@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import uuid
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -427,8 +427,9 @@ def save_atomically(obj: Any, path: str) -> None:
     never read a half-written file, nor rename each other's temporary file away."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(handle)
+    # a name of its own (not mkstemp's file, which would keep mode 0600 through the rename: a cache shared by
+    # a group must stay as readable as torch.save makes it)
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

@@ -535,27 +535,39 @@ class NeuronCalls:
     instance used twice per step runs twice on ``[B, ...]``: SLTT cuts its state at each call.) Temporary
     forward pre-hooks, for a learner's first batch."""
 
-    def __init__(self, neurons: Sequence[NeuronAdapter], batch: int):
+    def __init__(self, neurons: Sequence[NeuronAdapter], batch: int, model: Optional[nn.Module] = None):
         self.neurons = list(neurons)
         self.batch = batch
         self.calls: Dict[int, int] = {}
         self.batchless: set = set()
+        #: ``model`` given (a model fed ``[c, B, ...]``): the neurons that got the call's whole sequence
+        self.merged: set = set()
+        self._steps: Optional[int] = None  # c of the model call running now
         self._handles = [n.module.register_forward_pre_hook(self._count)
                          for n in {id(n.module): n for n in self.neurons}.values()]
+        if model is not None:
+            self._handles.append(model.register_forward_pre_hook(self._model_call))
+
+    def _model_call(self, module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        self._steps = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
 
     def _count(self, module: nn.Module, args: tuple) -> None:
         self.calls[id(module)] = self.calls.get(id(module), 0) + 1
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] != self.batch):
             self.batchless.add(id(module))
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == (self._steps, self.batch):
+            self.merged.add(id(module))  # [c, B, ...]: the model's steps, handed on as one input
 
     def check(self, model: nn.Module, model_calls: int, rule: str, sequences: bool = False) -> None:
         """Raise :func:`repeated_neurons_error` if a neuron ran more than ``model_calls`` times on inputs
         without the batch dimension. ``sequences``: the model was fed ``[c, B, ...]``; then a neuron that
-        takes one step per call (not in multi-step mode) must have got ``[B, ...]`` (its model steps
-        through time itself), else it took the time steps for samples: a :class:`LayoutError` says so."""
+        takes one step per call (not in multi-step mode) must not have got the call's ``[c, B, ...]``
+        sequence as its input (a model that steps through time itself hands it ``[B, ...]``, or tokens
+        ``[N, B, ...]``), else it took the time steps for samples: a :class:`LayoutError` says so."""
         if sequences:
-            merged = [n for n in self.neurons if not n.multi_step and id(n.module) in self.batchless]
+            merged = [n for n in self.neurons if not n.multi_step and id(n.module) in self.merged]
             if merged:
                 raise LayoutError(
                     f"the model is fed [c, B, ...] sequences (multi_step=True), but its neuron(s) "

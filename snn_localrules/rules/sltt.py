@@ -483,7 +483,7 @@ class SLTT(Rule):
         last_backprop = selected[-1] if selected else None
         self._graphs_for(x_seq, no_sync)
         if not self._calls_checked:
-            self._calls = NeuronCalls(self.neurons, x_seq.shape[1])
+            self._calls = NeuronCalls(self.neurons, x_seq.shape[1], self.model if sequence_model else None)
         try:
             self._learn_time_layout(x_seq, sequence_model)
             if self.chunk_size is None:
@@ -568,9 +568,12 @@ class SLTT(Rule):
         step per call, first check that no neuron ran more often than the model (before any backward)."""
         try:
             outs = run_in_time(self.model, x, sequence_model, self.output, one_call_per_step=bool(self._reduces_time))
-        except LayoutError:
-            if self._calls is not None:  # a forward that loops over time also returns no per-step output:
-                calls, self._calls = self._calls, None  # say that, rather than blame the input's layout
+        except Exception as error:
+            # a forward that loops over time also returns no per-step output, and neurons that took the
+            # steps for samples may make a later layer fail (a batch norm sized for B): say that, rather
+            # than blame the input's layout or leave torch's shape error
+            if self._calls is not None and (isinstance(error, LayoutError) or sequence_model):
+                calls, self._calls = self._calls, None
                 calls.remove()
                 calls.check(self.model, len(x), self.name, sequences=sequence_model)
             raise
@@ -689,11 +692,11 @@ class SLTT(Rule):
         self._check_wrapped()
         check_sequence_batch(x_seq, None, self.T)
         sequence_model = self._sequence_model()
-        self._learn_time_layout(x_seq, sequence_model)
-        self.reset_state()
         if not self._calls_checked:  # predict() before any step(): the same first-call check
-            self._calls = NeuronCalls(self.neurons, x_seq.shape[1])
+            self._calls = NeuronCalls(self.neurons, x_seq.shape[1], self.model if sequence_model else None)
         try:
+            self._learn_time_layout(x_seq, sequence_model)
+            self.reset_state()
             outs = self._run(x_seq, sequence_model)
         finally:
             if self._calls is not None:

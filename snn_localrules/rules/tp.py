@@ -140,16 +140,25 @@ def _replace_output(output: Any, passed: torch.Tensor, time_dim: bool) -> Any:
 
 def _ends_with(module: nn.Module, neuron: nn.Module) -> bool:
     """Whether ``module``'s output is ``neuron``'s: the neuron itself, or reached through recurrent
-    containers' ``sub_module`` and the last module of ``nn.Sequential`` s."""
+    containers' ``sub_module`` and the last child of a block (in registration order, a dropout or identity
+    after the neuron passing its output on)."""
     while module is not neuron:
         inner = getattr(module, "sub_module", None)
         if isinstance(inner, nn.Module):
             module = inner
-        elif isinstance(module, nn.Sequential) and len(module):
-            module = module[-1]
-        else:
+            continue
+        children = list(module.children())
+        while children and children[-1] is not neuron and _passes_on(children[-1]):
+            children.pop()
+        if not children:
             return False
+        module = children[-1]
     return True
+
+
+def _passes_on(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return "Dropout" in name or name == "Identity"
 
 
 def _container_hook(container: int, index: int):
@@ -593,7 +602,7 @@ class TP(Rule):
                    and any(True for _ in m.parameters(recurse=False))]
         layout_error = None
         # fed [1, B, ...], one-step-per-call neurons must still get [B, ...] (snnTorch's take no sequences)
-        calls = NeuronCalls(self.neurons, inputs.shape[0]) if sequence_model else None
+        calls = NeuronCalls(self.neurons, inputs.shape[0], self.model) if sequence_model else None
         try:
             run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
         except LayoutError as error:  # a forward that loops over time gives no per-step output either:
