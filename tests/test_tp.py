@@ -208,6 +208,32 @@ def test_tp_recurrent_container_around_a_users_block_ending_with_the_neuron(drop
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class _NeuronRegisteredLast(nn.Module):
+    """Registered (Linear, LIF), run LIF then Linear: registration order says the neuron ends the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.lif = nn.Linear(8, 8), neuron.LIFNode(v_threshold=0.3)
+
+    def forward(self, x):
+        return self.lin(self.lif(x))
+
+
+def test_tp_recurrent_container_pairing_follows_the_forward_not_the_registration():
+    torch.manual_seed(0)
+    model = nn.Sequential(layer.Linear(6, 8), layer.LinearRecurrentContainer(_NeuronRegisteredLast(), 8, 8),
+                          layer.Linear(8, 3))
+    inner = model[1].sub_module.lin
+    seen = {}
+    inner.register_forward_hook(lambda m, a, o: seen.__setitem__("inner", o.detach()))
+    model[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("readout_in", a[0].detach()))
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0), num_classes=3)
+    learner.step(torch.rand(5, 4, 6) * 3, torch.tensor([0, 1, 2, 0]))
+    assert torch.equal(seen["readout_in"], seen["inner"])  # the Linear after the neuron is not skipped
+    assert inner.weight.grad is not None and inner.weight.grad.abs().sum() > 0
+    learner.unwrap()
+
+
 def test_locality_layer_update_independent_of_layers_above():
     """Changing layer 2's weights does not change layer 1's update on the same batch."""
     x = torch.rand(4, 8, 12) * 3

@@ -14,7 +14,7 @@ import contextvars
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -167,7 +167,8 @@ def _container_hook(container: int, index: int):
     as the output it feeds back."""
     def hook(module: nn.Module, args: tuple, output: Any):
         learner = _DRIVING.get()
-        if learner is None or learner.neurons[container].module is not module or not learner._is_last_hidden(index):
+        if (learner is None or learner.neurons[container].module is not module or not learner._is_last_hidden(index)
+                or learner._passed_by_container.get(index) != container):
             return None
         traces = learner._label_traces if learner._label_pass else learner._traces
         step = output[0] if isinstance(output, (tuple, list)) else output
@@ -595,11 +596,18 @@ class TP(Rule):
         inside_neurons = {id(m) for n in self.neurons for m in n.module.modules()}
         neuron_ids = {id(n.module) for n in self.neurons}
         holders = {id(m) for m in self.model.modules() if any(id(sub) in neuron_ids for sub in m.modules())}
-        after: List[int] = []
-        handles = [m.register_forward_hook(lambda *_: after.append(len(self._seen)))
+        after: List[Tuple[int, int]] = []  # (module, neurons run when it finished)
+        handles = [m.register_forward_hook(lambda m, *_: after.append((id(m), len(self._seen))))
                    for m in self.model.modules()
                    if id(m) not in inside_neurons and id(m) not in holders
                    and any(True for _ in m.parameters(recurse=False))]
+        # and inside the recurrent containers that pass a neuron's trace on: what runs after that neuron
+        in_layers = {id(m) for n in self.neurons if n.is_layer for m in n.module.modules()}
+        in_containers = {id(m) for c in self._passed_by_container.values() for m in self.neurons[c].module.modules()}
+        handles += [m.register_forward_hook(lambda m, *_: after.append((id(m), len(self._seen))))
+                    for m in self.model.modules()
+                    if id(m) in in_containers and id(m) not in in_layers and id(m) not in holders
+                    and any(True for _ in m.parameters(recurse=False))]
         layout_error = None
         # fed [1, B, ...], one-step-per-call neurons must still get [B, ...] (snnTorch's take no sequences)
         calls = NeuronCalls(self.neurons, inputs.shape[0], self.model) if sequence_model else None
@@ -630,7 +638,15 @@ class TP(Rule):
         self._order = list(dict.fromkeys(self._seen))
         # the model ends with a neuron when no module with weights runs after the last neuron (what follows
         # it, if anything, has none: a VotingLayer, a pool); registration order may differ from this
-        self.neuron_output = bool(self._seen) and not any(ran == len(self._seen) for ran in after)
+        self.neuron_output = bool(self._seen) and not any(ran == len(self._seen) for module, ran in after
+                                                          if module not in in_containers)
+        # a container passes its neuron's trace on only if nothing with weights runs after the neuron inside
+        # it (registration order, which paired them, may differ from the order of the forward)
+        for index, container in list(self._passed_by_container.items()):
+            inside = {id(m) for m in self.neurons[container].module.modules()}
+            ran_at = self._seen.index(index) if index in self._seen else len(self._seen)
+            if any(module in inside and ran > ran_at for module, ran in after):
+                del self._passed_by_container[index]
         if not self._hidden_order():
             raise WrapError("rule='tp' needs at least one hidden neuron layer before the readout.")
 
