@@ -455,10 +455,11 @@ class _TokensPerStep(nn.Module):
         super().__init__()
         from spikingjelly.activation_based import neuron
 
+        self.tokens = 3
         self.emb, self.lif, self.out = nn.Linear(12, 3 * 8), neuron.LIFNode(v_threshold=0.3), nn.Linear(8, 5)
 
     def forward(self, x):
-        tokens = self.emb(x).reshape(x.shape[0], 3, 8).transpose(0, 1)  # [N, B, H]
+        tokens = self.emb(x).reshape(x.shape[0], self.tokens, 8).transpose(0, 1)  # [N, B, H]
         return self.out(self.lif(tokens).mean(0))
 
 
@@ -475,7 +476,20 @@ def test_multi_step_true_check_passes_a_forward_stepping_over_tokens_and_catches
                        multi_step=True)
     for a, b in zip(g_step, g_seq):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for tokens in (1, 2):  # one or two tokens: the first dims (N, B) look like a chunk's (c, B)
+        model = LoopsOverTime(nn.Sequential(_TokensPerStep(), nn.Unflatten(0, (1, -1))))
+        model.net[0].emb, model.net[0].tokens = nn.Linear(12, tokens * 8), tokens
+        _online(model, x, y, multi_step=True)
     message = r"fed \[c, B, \.\.\.\] sequences \(multi_step=True\)"
+    from spikingjelly.activation_based import layer, neuron
+
+    merging = nn.Sequential(layer.SeqToANNContainer(nn.Linear(12, 16), neuron.LIFNode(v_threshold=0.3)),
+                            layer.SeqToANNContainer(nn.Linear(16, 5)))  # a one-step neuron on [c * B, 16]
+    learner = slr.wrap(merging, rule="sltt", optimizer=torch.optim.SGD(merging.parameters(), lr=0.1),
+                       multi_step=True)
+    with pytest.raises(slr.LayoutError, match=message):
+        learner.step(x, y)
+    learner.unwrap()
     model = snn_sequential()
     learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), multi_step=True)
     with pytest.raises(slr.LayoutError, match=message):

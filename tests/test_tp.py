@@ -219,8 +219,33 @@ class _NeuronRegisteredLast(nn.Module):
         return self.lin(self.lif(x))
 
 
+class _NeuronRegisteredFirst(nn.Module):
+    """Registered (LIF, Linear), run Linear then LIF: the neuron's output is the block's."""
+
+    def __init__(self, lin, lif):
+        super().__init__()
+        self.lif, self.lin = lif, lin
+
+    def forward(self, x):
+        return self.lif(self.lin(x))
+
+
 def test_tp_recurrent_container_pairing_follows_the_forward_not_the_registration():
-    torch.manual_seed(0)
+    grads = []  # the neuron last in the forward, whatever order the block registered its modules in
+    for block in (lambda lin, lif: nn.Sequential(lin, lif), lambda lin, lif: _NeuronRegisteredFirst(lin, lif)):
+        torch.manual_seed(0)
+        lin, lif = nn.Linear(8, 8), neuron.LIFNode(v_threshold=0.3)
+        model = nn.Sequential(layer.Linear(6, 8), layer.LinearRecurrentContainer(block(lin, lif), 8, 8),
+                              layer.Linear(8, 3))
+        torch.manual_seed(1)
+        learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                           num_classes=3, seed=0)
+        learner.step(torch.rand(6, 5, 6) * 3, torch.tensor([0, 1, 2, 0, 1]))
+        grads.append([p.grad.clone() for p in model.parameters()])
+        learner.unwrap()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(0)  # and a Linear after the neuron in the forward, registered before it
     model = nn.Sequential(layer.Linear(6, 8), layer.LinearRecurrentContainer(_NeuronRegisteredLast(), 8, 8),
                           layer.Linear(8, 3))
     inner = model[1].sub_module.lin

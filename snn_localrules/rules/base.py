@@ -540,34 +540,56 @@ class NeuronCalls:
         self.batch = batch
         self.calls: Dict[int, int] = {}
         self.batchless: set = set()
-        #: ``model`` given (a model fed ``[c, B, ...]``): the neurons that got the call's whole sequence
+        #: ``model`` given (a model fed ``[c, B, ...]``): the one-step neurons that ran fewer than c times in
+        #: a call of c > 1 steps (they took the steps for samples: ``[c, B, ...]`` or ``[c * B, ...]``), and
+        #: those handed ``[c, B, ...]`` itself (counted only to explain a call that failed)
         self.merged: set = set()
+        self.handed_sequence: set = set()
         self._steps: Optional[int] = None  # c of the model call running now
+        self._in_call: Dict[int, int] = {}  # neuron runs in that call
+        one_step = {id(n.module): n for n in self.neurons if not n.multi_step}
+        self._one_step = set(one_step)
         self._handles = [n.module.register_forward_pre_hook(self._count)
                          for n in {id(n.module): n for n in self.neurons}.values()]
         if model is not None:
             self._handles.append(model.register_forward_pre_hook(self._model_call))
+            self._handles.append(model.register_forward_hook(self._model_done))
 
     def _model_call(self, module: nn.Module, args: tuple) -> None:
         x = args[0] if args else None
         self._steps = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        self._in_call = {}
+
+    def _model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._settle()
+
+    def _settle(self) -> None:
+        """Judge the model call that ran (or failed) last."""
+        if self._steps is not None and self._steps > 1:
+            self.merged.update(m for m, runs in self._in_call.items() if m in self._one_step and runs < self._steps)
+        self._steps, self._in_call = None, {}
 
     def _count(self, module: nn.Module, args: tuple) -> None:
         self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+        self._in_call[id(module)] = self._in_call.get(id(module), 0) + 1
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] != self.batch):
             self.batchless.add(id(module))
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and tuple(x.shape[:2]) == (self._steps, self.batch):
-            self.merged.add(id(module))  # [c, B, ...]: the model's steps, handed on as one input
+            self.handed_sequence.add(id(module))
 
-    def check(self, model: nn.Module, model_calls: int, rule: str, sequences: bool = False) -> None:
+    def check(self, model: nn.Module, model_calls: int, rule: str, sequences: bool = False,
+              failed: bool = False) -> None:
         """Raise :func:`repeated_neurons_error` if a neuron ran more than ``model_calls`` times on inputs
         without the batch dimension. ``sequences``: the model was fed ``[c, B, ...]``; then a neuron that
-        takes one step per call (not in multi-step mode) must not have got the call's ``[c, B, ...]``
-        sequence as its input (a model that steps through time itself hands it ``[B, ...]``, or tokens
-        ``[N, B, ...]``), else it took the time steps for samples: a :class:`LayoutError` says so."""
+        takes one step per call (not in multi-step mode) must run c times in a call of c > 1 steps (a model
+        that steps through time itself hands it ``[B, ...]`` or tokens ``[N, B, ...]`` each step), else it
+        took the steps for samples: a :class:`LayoutError` says so. ``failed``: the call raised; a neuron
+        handed ``[c, B, ...]`` is then taken as the cause too (one step calls cannot be counted)."""
         if sequences:
-            merged = [n for n in self.neurons if not n.multi_step and id(n.module) in self.merged]
+            self._settle()  # a call that raised never reached the model's forward hook
+            flagged = self.merged | (self.handed_sequence if failed else set())
+            merged = [n for n in self.neurons if not n.multi_step and id(n.module) in flagged]
             if merged:
                 raise LayoutError(
                     f"the model is fed [c, B, ...] sequences (multi_step=True), but its neuron(s) "

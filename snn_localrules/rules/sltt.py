@@ -575,7 +575,7 @@ class SLTT(Rule):
             if self._calls is not None and (isinstance(error, LayoutError) or sequence_model):
                 calls, self._calls = self._calls, None
                 calls.remove()
-                calls.check(self.model, len(x), self.name, sequences=sequence_model)
+                calls.check(self.model, len(x), self.name, sequences=sequence_model, failed=True)
             raise
         if self._calls is not None:
             calls, self._calls = self._calls, None

@@ -138,24 +138,6 @@ def _replace_output(output: Any, passed: torch.Tensor, time_dim: bool) -> Any:
     return passed
 
 
-def _ends_with(module: nn.Module, neuron: nn.Module) -> bool:
-    """Whether ``module``'s output is ``neuron``'s: the neuron itself, or reached through recurrent
-    containers' ``sub_module`` and the last child of a block (in registration order, a dropout or identity
-    after the neuron passing its output on)."""
-    while module is not neuron:
-        inner = getattr(module, "sub_module", None)
-        if isinstance(inner, nn.Module):
-            module = inner
-            continue
-        children = list(module.children())
-        while children and children[-1] is not neuron and _passes_on(children[-1]):
-            children.pop()
-        if not children:
-            return False
-        module = children[-1]
-    return True
-
-
 def _passes_on(module: nn.Module) -> bool:
     name = type(module).__name__
     return "Dropout" in name or name == "Identity"
@@ -383,7 +365,7 @@ class TP(Rule):
             around = [c for c in containers if neuron.is_layer and inside(neuron.module, self.neurons[c].module)]
             outer = [c for c in around if not any(inside(self.neurons[c].module, self.neurons[o].module)
                                                   for o in around)]
-            if outer and _ends_with(self.neurons[outer[0]].module, neuron.module):
+            if outer:  # checked against the forward at the first call (_learn_layer_order)
                 pairs[index] = outer[0]
         return pairs
 
@@ -601,13 +583,15 @@ class TP(Rule):
                    for m in self.model.modules()
                    if id(m) not in inside_neurons and id(m) not in holders
                    and any(True for _ in m.parameters(recurse=False))]
-        # and inside the recurrent containers that pass a neuron's trace on: what runs after that neuron
+        # and inside the recurrent containers that may pass a neuron's trace on: whatever computes after that
+        # neuron there (a dropout or an identity passes its output on as it is)
         in_layers = {id(m) for n in self.neurons if n.is_layer for m in n.module.modules()}
-        in_containers = {id(m) for c in self._passed_by_container.values() for m in self.neurons[c].module.modules()}
+        in_containers = {id(m) for c in self._passed_by_container.values() for m in self.neurons[c].module.modules()
+                         if m is not self.neurons[c].module}
         handles += [m.register_forward_hook(lambda m, *_: after.append((id(m), len(self._seen))))
                     for m in self.model.modules()
                     if id(m) in in_containers and id(m) not in in_layers and id(m) not in holders
-                    and any(True for _ in m.parameters(recurse=False))]
+                    and not _passes_on(m)]
         layout_error = None
         # fed [1, B, ...], one-step-per-call neurons must still get [B, ...] (snnTorch's take no sequences)
         calls = NeuronCalls(self.neurons, inputs.shape[0], self.model) if sequence_model else None
@@ -618,7 +602,7 @@ class TP(Rule):
         except Exception:
             if calls is not None:  # (the shapes that went wrong may fail anywhere after such a neuron)
                 calls.remove()
-                calls.check(self.model, 1, self.name, sequences=True)
+                calls.check(self.model, 1, self.name, sequences=True, failed=True)
             raise
         finally:
             if calls is not None:
@@ -628,8 +612,8 @@ class TP(Rule):
             for module, training in modes:
                 module.training = training
             self.reset_state()
-        if calls is not None:
-            calls.check(self.model, 1, self.name, sequences=True)
+        if calls is not None:  # TP keeps a trace per sample: a neuron handed [1, B, ...] has no sample rows
+            calls.check(self.model, 1, self.name, sequences=True, failed=True)
         repeated = [self.neurons[i] for i in sorted(set(self._seen)) if self._seen.count(i) > 1]
         if repeated:
             raise repeated_neurons_error(self.model, repeated, self.name)
@@ -640,8 +624,8 @@ class TP(Rule):
         # it, if anything, has none: a VotingLayer, a pool); registration order may differ from this
         self.neuron_output = bool(self._seen) and not any(ran == len(self._seen) for module, ran in after
                                                           if module not in in_containers)
-        # a container passes its neuron's trace on only if nothing with weights runs after the neuron inside
-        # it (registration order, which paired them, may differ from the order of the forward)
+        # a container passes its neuron's trace on only if nothing computes after the neuron inside it, in
+        # the forward's order (whatever order the modules were registered in)
         for index, container in list(self._passed_by_container.items()):
             inside = {id(m) for m in self.neurons[container].module.modules()}
             ran_at = self._seen.index(index) if index in self._seen else len(self._seen)
