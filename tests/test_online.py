@@ -504,3 +504,30 @@ def test_multi_step_true_check_passes_a_forward_stepping_over_tokens_and_catches
         learner.step(x, y)
     learner.unwrap()
 
+
+
+class _RateThenNeuron(nn.Module):
+    """Spikformer-like body (multi-step, then the rate over time) with a one-step LIF read-out on the rate."""
+
+    def __init__(self):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        self.fc = layer.SeqToANNContainer(nn.Linear(12, 16))
+        self.lif = neuron.LIFNode(v_threshold=0.3, step_mode="m")
+        self.head, self.out = nn.Linear(16, 5), neuron.LIFNode(v_threshold=0.3)
+
+    def forward(self, x_seq):
+        return self.out(self.head(self.lif(self.fc(x_seq)).mean(0)))
+
+
+@pytest.mark.parametrize("options", [{}, dict(chunk=2), dict(K=2, nograd_chunk=3)])
+def test_a_neuron_after_the_rate_of_a_time_reducing_model_is_not_taken_for_merged_steps(options):
+    """It runs once per call, as it should: the model is called one step at a time (the first batch's
+    two-step probe call had flagged it as having taken the steps for samples)."""
+    torch.manual_seed(0)
+    model = _RateThenNeuron()
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **options)
+    x, y = torch.rand(5, 4, 12) * 2, torch.tensor([0, 1, 2, 3])
+    assert learner.step(x, y).loss > 0 and learner.predict(x).shape == (4,)
+    learner.unwrap()

@@ -711,6 +711,10 @@ class SLTT(Rule):
         time wherever a learner needs per-step outputs (chunks, SLTT-K's forward-only steps, predict)."""
         if sequence_model and self._reduces_time is None:
             self._reduces_time = probe_reduces_time(self.model, x_seq, self.output, self.reset_state)
+            if self._reduces_time and self._calls is not None:
+                # a model that reduces over time is called one step at a time: a neuron after the reduction
+                # (a head on the rate) ran once in the probe's two-step call, as it should
+                self._calls.merged.clear()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
