@@ -80,13 +80,12 @@ def _looks_like_neuron(module: nn.Module) -> bool:
     if type(module).__module__.startswith("torch."):
         return False  # torch's own modules (nn.Threshold has a ``threshold`` too) are no neurons
     named = any(hint in type(module).__name__.lower() for hint in _NEURON_NAME_HINTS)
-    state = any(hasattr(module, attr) for attr in ("threshold", "mem"))
+    has = {attr for attr in ("v_threshold", "threshold", "mem") if hasattr(module, attr)}
     if not list(module.children()):
-        return named or state or hasattr(module, "v_threshold")
+        return named or bool(has)
     # with children: SpikingJelly's v_threshold, a threshold and a membrane, or a neuron's name and one of
     # them (a pruner's threshold alone, or a block of memory tokens, is no neuron)
-    both = hasattr(module, "threshold") and hasattr(module, "mem")
-    return hasattr(module, "v_threshold") or both or (named and state)
+    return "v_threshold" in has or {"threshold", "mem"} <= has or (named and bool(has))
 
 
 def find_neurons(model: nn.Module) -> List[NeuronAdapter]:

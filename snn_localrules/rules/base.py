@@ -547,21 +547,17 @@ class NeuronCalls:
         self.handed_sequence: set = set()
         self._steps: Optional[int] = None  # c of the model call running now
         self._in_call: Dict[int, int] = {}  # neuron runs in that call
-        one_step = {id(n.module): n for n in self.neurons if not n.multi_step}
-        self._one_step = set(one_step)
+        self._one_step = {id(n.module) for n in self.neurons if not n.multi_step}
         self._handles = [n.module.register_forward_pre_hook(self._count)
                          for n in {id(n.module): n for n in self.neurons}.values()]
         if model is not None:
             self._handles.append(model.register_forward_pre_hook(self._model_call))
-            self._handles.append(model.register_forward_hook(self._model_done))
+            self._handles.append(model.register_forward_hook(lambda *_: self._settle()))
 
     def _model_call(self, module: nn.Module, args: tuple) -> None:
         x = args[0] if args else None
         self._steps = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
         self._in_call = {}
-
-    def _model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._settle()
 
     def _settle(self) -> None:
         """Judge the model call that ran (or failed) last."""

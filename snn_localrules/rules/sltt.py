@@ -421,7 +421,8 @@ class SLTT(Rule):
         self.nograd_chunk = nograd_chunk
         # seed=None follows the run's torch.manual_seed (without drawing from torch's generator, so the
         # user's data order stays as it is): runs of different seeds draw different steps
-        self.generator = torch.Generator().manual_seed(self.seed if seed is not None else _own_seed(torch.initial_seed()))
+        self.generator = torch.Generator().manual_seed(
+            self.seed if self.seed is not None else _own_seed(torch.initial_seed()))
         self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # the first batch fed one step per call counts neuron calls (a forward that loops over time itself)
         self._calls: Optional[NeuronCalls] = None
@@ -657,9 +658,10 @@ class SLTT(Rule):
                 raise LossError(
                     f"the loss {self.step_loss.name} reads the membrane (element {self.step_loss.output_index} "
                     "of a neuron's (spk, ..., mem) output), but what it gets from the model holds only 0s and "
-                    "1s: spikes (from a model that returns one tensor, it gets that tensor). Have the model return the last neuron's (spk, mem) (snnTorch: "
-                    "output=True) or use a loss on spikes (SF.ce_rate_loss(), loss='ce'); if this output is "
-                    "the membrane, pass output=0 to wrap() to say so."
+                    "1s: spikes (from a model that returns one tensor, it gets that tensor). Have the model "
+                    "return the last neuron's (spk, mem) (snnTorch: output=True) or use a loss on spikes "
+                    "(SF.ce_rate_loss(), loss='ce'); if this output is the membrane, pass output=0 to wrap() "
+                    "to say so."
                 )
             self._check_tuple_output = False
         try:

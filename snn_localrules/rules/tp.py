@@ -352,10 +352,11 @@ class TP(Rule):
             hooks.forward_hook(self.neurons[container].module, _container_hook(container, index))
 
     def _outer_containers(self) -> Dict[int, int]:
-        """``{neuron: container}`` for each neuron layer that is the output of modules that carry state but
-        are no layer of their own (recurrent containers): the outermost of them, whose output the next
-        layer gets. A neuron with more after it inside the container (a linear map, an output layer) keeps
-        passing its trace on itself: what the container returns and feeds back is then computed from it."""
+        """``{neuron: container}`` for each neuron layer inside modules that carry state but are no layer of
+        their own (recurrent containers): the outermost of them, whose output the next layer gets. The first
+        call's layer-order forward (:meth:`_learn_layer_order`) drops a pair where something computes after
+        the neuron inside the container: such a neuron keeps passing its trace on itself, and what the
+        container returns and feeds back is computed from it."""
         def inside(inner: nn.Module, outer: nn.Module) -> bool:
             return inner is not outer and any(m is inner for m in outer.modules())
 
@@ -578,20 +579,22 @@ class TP(Rule):
         inside_neurons = {id(m) for n in self.neurons for m in n.module.modules()}
         neuron_ids = {id(n.module) for n in self.neurons}
         holders = {id(m) for m in self.model.modules() if any(id(sub) in neuron_ids for sub in m.modules())}
-        after: List[Tuple[int, int]] = []  # (module, neurons run when it finished)
-        handles = [m.register_forward_hook(lambda m, *_: after.append((id(m), len(self._seen))))
-                   for m in self.model.modules()
-                   if id(m) not in inside_neurons and id(m) not in holders
-                   and any(True for _ in m.parameters(recurse=False))]
         # and inside the recurrent containers that may pass a neuron's trace on: whatever computes after that
         # neuron there (a dropout or an identity passes its output on as it is)
         in_layers = {id(m) for n in self.neurons if n.is_layer for m in n.module.modules()}
         in_containers = {id(m) for c in self._passed_by_container.values() for m in self.neurons[c].module.modules()
                          if m is not self.neurons[c].module}
-        handles += [m.register_forward_hook(lambda m, *_: after.append((id(m), len(self._seen))))
-                    for m in self.model.modules()
-                    if id(m) in in_containers and id(m) not in in_layers and id(m) not in holders
-                    and not _passes_on(m)]
+
+        def watched(m: nn.Module) -> bool:
+            if id(m) in holders:
+                return False
+            if id(m) in in_containers:
+                return id(m) not in in_layers and not _passes_on(m)
+            return id(m) not in inside_neurons and any(True for _ in m.parameters(recurse=False))
+
+        after: List[Tuple[int, int]] = []  # (module, neurons run when it finished)
+        handles = [m.register_forward_hook(lambda m, *_: after.append((id(m), len(self._seen))))
+                   for m in self.model.modules() if watched(m)]
         layout_error = None
         # fed [1, B, ...], one-step-per-call neurons must still get [B, ...] (snnTorch's take no sequences)
         calls = NeuronCalls(self.neurons, inputs.shape[0], self.model) if sequence_model else None
