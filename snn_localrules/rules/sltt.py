@@ -161,14 +161,16 @@ def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], f
             hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer, norms, recharge))
 
 
-def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
+def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[NeuronAdapter]) -> List[Any]:
     """Online rules: the state that layers other than neurons carry from one call of the model to the next
     (SpikingJelly's ``SynapseFilter``, ``NeuNorm``, ...: the plugins' ``slr_carried_state``) enters each
     call as a constant, as a neuron's does. The learner backpropagates every call (step or chunk) on its
     own, so a graph carried into the next one would be backpropagated twice. Within a multi-step call of
-    several steps such a layer keeps its own route (it is not stepped, as neurons are)."""
+    several steps such a layer keeps its own route (it is not stepped, as neurons are). Returns the
+    plugins' holders of that state (``get_state``/``set_state``)."""
     found = plugin_manager().hook.slr_carried_state(model=model, neurons=neurons)
-    for holder in [h for answer in found for h in (answer or ())]:
+    holders = [h for answer in found for h in (answer or ())]
+    for holder in holders:
         module = getattr(holder, "module", None)
         if not isinstance(module, nn.Module):
             raise PluginError(
@@ -177,6 +179,7 @@ def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[
                 "that module. Give each answer a .module (a NeuronAdapter for the module has one)."
             )
         hooks.pre_hook(module, _cut_carried_pre_hook(holder))
+    return holders
 
 
 def _cut_carried_pre_hook(holder: Any) -> Callable:

@@ -316,6 +316,7 @@ class TP(Rule):
         self._order: Optional[List[int]] = None  # neurons in forward order, learned at the first call
         self._seen: List[int] = []
         self._traces: Dict[int, torch.Tensor] = {}
+        self._carried: List[Any] = []  # the other layers' carried state (install)
         self._label_traces: Dict[int, torch.Tensor] = {}  # label path's traces with label_batch="separate"
         self._label_pass = False  # True while the label path's call of label_batch="separate" runs
         self._warned_silent = False
@@ -343,7 +344,7 @@ class TP(Rule):
     # -- hooks -----------------------------------------------------------------------------------
     def install(self, hooks: ModuleHooks) -> None:
         install_temporal_cut(hooks, self.neurons)
-        install_carried_cut(hooks, self.model, self.neurons)
+        self._carried = install_carried_cut(hooks, self.model, self.neurons)
         for index, neuron in enumerate(self.neurons):
             if neuron.is_layer:
                 hooks.forward_hook(neuron.module, _output_hook(index))
@@ -643,11 +644,16 @@ class TP(Rule):
                 traces[key] = trace.detach()
 
     def _neuron_states(self) -> List[Dict[str, Any]]:
-        return [neuron.get_state() for neuron in self.neurons]
+        """The state carried from step to step: the neurons', and other layers' (a ``SynapseFilter``'s
+        current, a ``Delay``'s queue: the plugins' ``slr_carried_state``)."""
+        return [{name: _own_containers(value) for name, value in holder.get_state().items()}
+                for holder in (*self.neurons, *self._carried)]
 
     def _set_neuron_states(self, states: List[Dict[str, Any]]) -> None:
-        for neuron, state in zip(self.neurons, states):
-            neuron.set_state(state)
+        """Put ``states`` back. Lists and dicts are copied both ways: a layer that changes its state in
+        place (the ``Delay`` queue) leaves the kept copies as they were."""
+        for holder, state in zip((*self.neurons, *self._carried), states):
+            holder.set_state({name: _own_containers(value) for name, value in state.items()})
 
     def reset_state(self) -> None:
         super().reset_state()
@@ -706,3 +712,13 @@ class TP(Rule):
             self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _own_containers(value: Any) -> Any:
+    """``value`` with its lists and dicts copied (not the tensors in them): a layer that appends to its
+    state in place (SpikingJelly's ``Delay`` queue) must not write into the other path's copy."""
+    if isinstance(value, list):
+        return [_own_containers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _own_containers(v) for k, v in value.items()}
+    return value
