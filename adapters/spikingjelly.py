@@ -14,13 +14,14 @@ take ``[T, B, ...]`` and are stepped through the single-step parent's ``forward`
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
 import os
 import sys
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -652,6 +653,40 @@ def slr_takes_sequences(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> O
                for cls in type(module).__mro__):  # a user's subclass too
             return True
     return None
+
+
+@hookimpl
+def slr_whole_sequence_modules(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> List[Tuple[nn.Module, str]]:
+    found = []
+    for module in model.modules():
+        names = {cls.__name__ for cls in type(module).__mro__}  # a user's subclass too
+        if any(name.startswith("_TemporalEffectiveBatchNorm") or name.startswith("TemporalEffectiveBatchNorm")
+               for name in names):
+            found.append((module, "keeps one scale per time step (temporal-effective batch norm)"))
+        elif names & {"TemporalWiseAttention", "MultiStepTemporalWiseAttention", "MultiDimensionalAttention"}:
+            found.append((module, "weighs the time steps of each call against each other (its weights are "
+                                  "sized for T)"))
+        elif "Delay" in names and getattr(module, "step_mode", "s") == "m" and _delay_forgets_between_calls(module):
+            # SpikingJelly 0.0.0.0.14: its multi-step Delay shifts each call's steps and keeps no queue
+            found.append((module, "delays the steps within each call in multi-step mode and keeps nothing for "
+                                  "the next call (this release's Delay; in step mode 's' it keeps a queue)"))
+    return found
+
+
+def _delay_forgets_between_calls(module: nn.Module) -> bool:
+    """Whether a multi-step ``Delay`` starts every call afresh: a copy, reset, fed ones then zeros (each
+    ``delay_steps`` long) returns only zeros the second time."""
+    steps = getattr(module, "delay_steps", None)
+    if not isinstance(steps, int) or steps < 1:
+        return False
+    try:
+        probe = copy.deepcopy(module)
+        probe.reset()
+        with torch.no_grad():
+            probe(torch.ones(steps, 1, 1))
+            return not bool(probe(torch.zeros(steps, 1, 1)).ne(0).any())
+    except Exception:
+        return False  # not a Delay as SpikingJelly's: nothing to say about it
 
 
 @hookimpl

@@ -11,7 +11,7 @@ or a rule the same way, or at run time with ``snn_localrules.register_plugin``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Tuple
 
 import pluggy
 import torch.nn as nn
@@ -70,6 +70,25 @@ def slr_carried_state(model: nn.Module, neurons: Sequence["NeuronAdapter"]) -> S
         ``set_state(mapping)`` (a :class:`snn_localrules.NeuronAdapter` for the module has all three),
         one per module that keeps such state (SpikingJelly's ``layer.Dropout`` mask); empty when the
         framework keeps none.
+    """
+
+
+@hookspec
+def slr_whole_sequence_modules(model: nn.Module, neurons: Sequence["NeuronAdapter"]) -> Sequence[Tuple[nn.Module, str]]:
+    """The modules of ``model`` that must get the whole sequence in every call: their parameters are tied
+    to the number of steps (SpikingJelly's temporal-effective batch norm keeps one scale per step; its
+    temporal-wise and multi-dimensional attention weigh the T steps of a call), or they compute across
+    the steps of each call and carry nothing to the next (SpikingJelly 0.0.0.0.14's multi-step ``Delay``).
+
+    Asked when a learner is built. TP feeds the model one step per call, online SLTT ``chunk`` steps and
+    SLTT-K's runs of steps: they refuse such a model (online SLTT takes it with ``chunk`` at least T and
+    no ``K``), naming the module; zero-change mode, where the user's loop calls the model on whole
+    sequences, takes it.
+
+    :param model: the model being wrapped.
+    :param neurons: the adapters found for its neurons.
+    :return: ``(module, why)`` pairs, ``why`` completing "<module> ..." (e.g. "keeps one scale per time
+        step"); empty when this plugin sees none.
     """
 
 

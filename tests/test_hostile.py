@@ -740,3 +740,80 @@ def test_wrap_things_that_are_not_spiking_models():
         slr.wrap(lambda x: x)
     with pytest.raises(slr.UnsupportedModelError, match="no spiking neuron layer"):
         slr.wrap(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+
+
+# -- modules that need the whole sequence per call -----------------------------------------------
+def _time_tied(kind):
+    """Conv - <module sized for T> - LIF - readout, multi-step; None where this release lacks the module."""
+    make = {
+        "TEBN": lambda: layer.TemporalEffectiveBatchNorm2d(T, 4),
+        "MDA": lambda: layer.MultiDimensionalAttention(T, 4, reduction_t=2, reduction_c=2),
+        "TWA": lambda: layer.TemporalWiseAttention(T, reduction=2, dimension=4),
+    }[kind]
+    torch.manual_seed(0)
+    try:  # (SpikingJelly 0.0.0.0.14's attention layers are no nn.Module, or need einops)
+        return nn.Sequential(layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), make(),
+                             neuron.LIFNode(tau=2.0, step_mode="m"), layer.Flatten(step_mode="m"),
+                             layer.Linear(4 * 5 * 5, C, step_mode="m"))
+    except (AttributeError, TypeError, ImportError):
+        return None
+
+
+@pytest.mark.parametrize("kind", ["TEBN", "MDA", "TWA"])
+@pytest.mark.parametrize("options", [dict(rule="tp", num_classes=C), dict(rule="sltt", K=2),
+                                     dict(rule="sltt", chunk="auto", max_memory=2 ** 30),
+                                     dict(rule="sltt", chunk=2, T=T), dict(rule="sltt"), dict(rule="sltt", chunk=3)],
+                         ids=["tp", "K", "auto", "chunk-2-T", "chunk-1", "chunk-3"])
+def test_a_module_sized_for_T_is_refused_where_calls_hold_part_of_a_sequence(kind, options):
+    """A temporal-effective batch norm (one scale per step) or a temporal attention (weights sized for T)
+    computes on whole sequences: fed one step or a chunk, TP silently trained scale[0] alone and online SLTT
+    failed in torch's shapes. Refused, naming the module and the fix, at wrap or at the first step, with the
+    model unchanged."""
+    model = _time_tied(kind)
+    if model is None:
+        pytest.skip(f"this SpikingJelly has no {kind}")
+    x, y = torch.rand(T, B, 2, 5, 5) * 2, torch.arange(B) % C
+    before = snapshot(model)
+    options = dict(options)
+    with pytest.raises(slr.UnsupportedModelError, match=r"'1' \(\w+\) .* whole sequence in every call.*zero-change"):
+        learner = slr.wrap(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **options)
+        learner.step(x, y)
+    if slr.learner_of(model) is not None:
+        slr.unwrap(model)
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("kind", ["TEBN", "TWA"])
+def test_a_module_sized_for_T_trains_online_at_chunk_T_as_in_zero_change_mode(kind):
+    model = _time_tied(kind)
+    if model is None:
+        pytest.skip(f"this SpikingJelly has no {kind}")
+    model = model.double()
+    x, y = torch.rand(T, B, 2, 5, 5, dtype=torch.float64) * 2, torch.arange(B) % C
+    twin = copy.deepcopy(model)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=1.0), chunk=T)
+    learner.step(x, y)
+    slr.wrap(twin, rule="sltt")
+    sum(F.cross_entropy(o, y) for o in twin(x)).div(T).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.grad is not None and float(p.grad.abs().max()) > 0 or float(q.grad.abs().max()) == 0
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_delay_that_forgets_between_calls_is_refused_where_calls_hold_part_of_a_sequence():
+    """SpikingJelly 0.0.0.0.14's multi-step Delay shifts the steps of each call and keeps no queue: fed a
+    step per call, what follows it saw zeros only. The current release's Delay keeps a queue and trains."""
+    probe = layer.Delay(1, step_mode="m")
+    probe(torch.ones(1, 1, 2))
+    forgets = not bool(probe(torch.zeros(1, 1, 2)).ne(0).any())
+    torch.manual_seed(0)
+    model = nn.Sequential(layer.Linear(6, 8, step_mode="m"), neuron.LIFNode(tau=2.0, step_mode="m"),
+                          layer.Delay(1, step_mode="m"), layer.Linear(8, C, step_mode="m"))
+    x, y = torch.rand(T, B, 6) * 3, torch.arange(B) % C
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    if forgets:
+        with pytest.raises(slr.UnsupportedModelError, match=r"'2' \(Delay\) delays the steps within each call"):
+            learner.step(x, y)
+    else:
+        learner.step(x, y)
+    learner.unwrap()

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .. import distributed
 from ..adapter import NeuronAdapter
-from ..errors import LayoutError, NonFiniteLossError, WrapError
+from ..errors import LayoutError, NonFiniteLossError, UnsupportedModelError, WrapError
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks, _forget, _remember
 
@@ -504,6 +504,27 @@ def named_neurons(model: nn.Module, neurons: Sequence[NeuronAdapter], most: int 
     listed = ", ".join(f"{names.get(id(neuron.module)) or '<model>'!r} ({neuron.describe()})"
                        for neuron in neurons[:most])
     return listed + (f", ... ({len(neurons)} in all)" if len(neurons) > most else "")
+
+
+WholeSequenceModules = List[Tuple[str, nn.Module, str]]
+
+
+def whole_sequence_modules(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> WholeSequenceModules:
+    """``(name in model, module, why)`` for each module that must get the whole sequence in every call
+    (the plugins' ``slr_whole_sequence_modules``: a temporal-effective batch norm's per-step scales, ...)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = plugin_manager().hook.slr_whole_sequence_modules(model=model, neurons=neurons)
+    return [(names.get(id(module)) or "<model>", module, why) for answer in found for module, why in (answer or ())]
+
+
+def whole_sequence_error(found: WholeSequenceModules, how: str, fix: str) -> UnsupportedModelError:
+    """The error for a learner that would feed ``found``'s modules part of a sequence per call (``how``)."""
+    name, module, why = found[0]
+    more = f" ({len(found) - 1} more such module{'s' if len(found) > 2 else ''} in the model)" if len(found) > 1 else ""
+    return UnsupportedModelError(
+        f"{name!r} ({type(module).__name__}) {why}, so it must get the whole sequence in every call of the "
+        f"model{more}; {how}. {fix}"
+    )
 
 
 def repeated_neurons_error(model: nn.Module, neurons: Sequence[NeuronAdapter], rule: str,

@@ -46,6 +46,8 @@ from .base import (
     rng_states,
     run_in_time,
     set_rng_states,
+    whole_sequence_error,
+    whole_sequence_modules,
 )
 
 
@@ -159,6 +161,10 @@ def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], f
         hooks.pre_hook(neuron.module, _cut_state_pre_hook(neuron), with_kwargs=True)
         if neuron.supports_multi_step:
             hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer, norms, recharge))
+
+
+WHOLE_SEQUENCE_FIX = ("Train it in zero-change mode (slr.wrap(model, rule='sltt') and your own loop over whole "
+                      "sequences), or online with chunk at least T and no K.")
 
 
 def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[NeuronAdapter]) -> List[Any]:
@@ -432,6 +438,15 @@ class SLTT(Rule):
         self._calls_checked = False
         #: a multi-step model whose forward reduces its output over time: None until the first batch
         self._reduces_time: Optional[bool] = None
+        # modules that must get whole sequences (per-step scales, attention over T): online mode needs
+        # chunk >= T and no K
+        self._whole_sequence = whole_sequence_modules(model, self.neurons) if self.online else []
+        if self._whole_sequence and (K is not None or chunk == "auto" or (T is not None and chunk < T)):
+            how = (f"SLTT-K (K={K}) runs the steps it backpropagates and those it does not in calls of their own"
+                   if K is not None else
+                   "chunk='auto' picks a chunk shorter than T where memory is short" if chunk == "auto" else
+                   f"online SLTT at chunk={chunk} feeds it {chunk} of the T={T} steps per call")
+            raise whole_sequence_error(self._whole_sequence, how, WHOLE_SEQUENCE_FIX)
 
     def install(self, hooks: ModuleHooks) -> None:
         # a model that is itself one neuron has nothing downstream that saves its spikes
@@ -486,6 +501,11 @@ class SLTT(Rule):
         no_sync = getattr(self.model, "no_sync", None)  # DDP/FSDP: all-reduce once per batch, not per step
         last_backprop = selected[-1] if selected else None
         self._graphs_for(x_seq, no_sync)
+        if self._whole_sequence and self.chunk_size < T:
+            raise whole_sequence_error(
+                self._whole_sequence,
+                f"online SLTT at chunk={self.chunk_size} feeds it {self.chunk_size} of this batch's T={T} steps per call",
+                WHOLE_SEQUENCE_FIX)
         if not self._calls_checked:
             self._calls = NeuronCalls(self.neurons, x_seq.shape[1], self.model if sequence_model else None)
         try:

@@ -48,6 +48,8 @@ from .base import (
     optimizer_step,
     repeated_neurons_error,
     run_in_time,
+    whole_sequence_error,
+    whole_sequence_modules,
 )
 from .sltt import install_carried_cut, install_temporal_cut
 
@@ -296,6 +298,12 @@ class TP(Rule):
                 "the model's own forward (as snnTorch's with init_hidden=False); let the neurons keep their "
                 "state (snnTorch: init_hidden=True)."
             )
+        whole = whole_sequence_modules(model, self.neurons)
+        if whole:
+            raise whole_sequence_error(
+                whole, "rule='tp' feeds the model one time step per call",
+                "Train this model with SLTT (zero-change mode, or online with chunk at least T), or put a module "
+                "that takes one step at a time in its place.")
         self.optimizer = optimizer
         self.num_classes = num_classes
         self.trace_decay = float(trace_decay)
