@@ -817,3 +817,46 @@ def test_a_delay_that_forgets_between_calls_is_refused_where_calls_hold_part_of_
     else:
         learner.step(x, y)
     learner.unwrap()
+
+
+# -- optimizers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", RULES)
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_at_wrap(rule):
+    """LBFGS was taken, then failed inside step() with torch's "missing 'closure'" after a batch of
+    forwards and backwards."""
+    model = make_model()
+    before = snapshot(model)
+    options = dict(num_classes=C) if rule == "tp" else {}
+    with pytest.raises(slr.WrapError, match=r"LBFGS\.step\(\) needs a closure.*zero-change mode"):
+        slr.wrap(model, rule=rule, optimizer=torch.optim.LBFGS(model.parameters()), **options)
+    assert slr.learner_of(model) is None
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_replaced_optimizer_is_checked_and_then_stepped(rule):
+    """learner.optimizer = another one (a fine-tuning phase): an optimizer of another model was taken and
+    stepped nothing while the model's .grad piled up; now it is refused as at wrap, and a good one is used."""
+    model, _, learner = make_learner(rule)
+    other = make_model()
+    with pytest.raises(slr.WrapError, match="holds none of the model's parameters"):
+        learner.optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(slr.WrapError, match="not added or taken away"):
+        learner.optimizer = None
+    replacement = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    learner.optimizer = replacement
+    before = [p.detach().clone() for p in model.parameters()]
+    learner.step(*batch())
+    assert replacement.state and all(replacement.state[p] for p in model.parameters() if p.grad is not None)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert "optimizer" in learner.state_dict() or rule == "tp"
+    learner.unwrap()
+
+
+def test_zero_change_mode_takes_no_optimizer_afterwards():
+    model = make_model()
+    learner = slr.wrap(model, rule="sltt")
+    with pytest.raises(slr.WrapError, match="not added or taken away"):
+        learner.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert learner.optimizer is None
+    learner.unwrap()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import math
 import numbers
 import os
@@ -45,6 +46,25 @@ class Rule:
         self._hooks = ModuleHooks()
         self._wrapped = False
         self._takes_sequences: Optional[bool] = None
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer the learner steps (None in zero-change mode). Assigning another one (a new
+        optimizer for a fine-tuning phase) checks it as ``wrap`` does; it cannot switch zero-change
+        mode on or off (unwrap and wrap again for that)."""
+        return self.__dict__.get("_optimizer")
+
+    @optimizer.setter
+    def optimizer(self, value: Optional[torch.optim.Optimizer]) -> None:
+        if "_optimizer" in self.__dict__ and (value is None) != (self._optimizer is None):
+            raise WrapError(
+                "a learner's optimizer can be replaced by another, but not added or taken away: that would "
+                "switch between online and zero-change mode. Call learner.unwrap() and wrap the model again "
+                "with (or without) optimizer=."
+            )
+        if value is not None:
+            check_optimizer(value, self.model)
+        self.__dict__["_optimizer"] = value
 
     def _sequence_model(self) -> bool:
         """Whether the model is fed ``[c, B, ...]`` per call (a multi-step model) rather than one step
@@ -203,12 +223,28 @@ def check_optimizer(optimizer: Any, model: nn.Module) -> None:
             "the optimizer holds none of the model's parameters, so training would change nothing; "
             "build it from this model: torch.optim.Adam(model.parameters(), ...)."
         )
+    if _step_needs_closure(optimizer):
+        raise WrapError(
+            f"{type(optimizer).__name__}.step() needs a closure that evaluates the loss again, and the learner "
+            "steps the optimizer itself, without one. Use an optimizer whose step() needs none (SGD, Adam, ...), "
+            f"or keep {type(optimizer).__name__} in zero-change mode: slr.wrap(model, rule='sltt') without an "
+            "optimizer, and your own loop with its closure."
+        )
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not any(p.requires_grad for p in model.parameters() if id(p) in held):
         raise WrapError(
             "every model parameter the optimizer holds has requires_grad=False (frozen), so training would "
             "change nothing; unfreeze some (p.requires_grad_(True)) or give the optimizer trainable ones."
         )
+
+
+def _step_needs_closure(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` has a ``closure`` argument without a default (``torch.optim.LBFGS``)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def check_precision(autocast: Any, scaler: Any, online: bool) -> None:
