@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import threading
 import types
 import warnings
 import weakref
@@ -22,6 +23,9 @@ from .plugins import neurons as supported_neurons
 from .plugins import plugin_manager, rule_registry
 
 _WRAPPED: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+# wrap/unwrap from several threads (a thread pool of trials): _WRAPPED is read and changed under this lock
+_LOCK = threading.RLock()
+_REGISTRATION_HOOK: Optional[Any] = None
 
 # class-name fragments that suggest a module is a neuron nobody answered for (used in error hints only)
 _NEURON_NAME_HINTS = ("node", "neuron", "leaky", "lif", "spiking", "synaptic")
@@ -159,9 +163,66 @@ def find_neurons(model: nn.Module) -> List[NeuronAdapter]:
     return found
 
 
+def _wrapped_items() -> List[tuple]:
+    with _LOCK:
+        return list(_WRAPPED.items())
+
+
+def neuron_change_error(model: nn.Module, learner: Any, added: List[tuple], removed: List[Any]) -> WrapError:
+    """The error for neurons added to (``(name, module)``) or taken from (adapters) a wrapped model."""
+    if added:
+        name, module = added[0]
+        what = (f"module {name!r} ({type(module).__module__}.{type(module).__name__}) is a spiking neuron put into "
+                f"this {type(model).__name__} after it was wrapped: the {learner.name!r} learner does not know it, "
+                "so its state would keep its time route (BPTT's gradient, or a backward through a freed graph)")
+    else:
+        what = (f"{removed[0].describe()} was wrapped but is no longer in this {type(model).__name__} (removed or "
+                "replaced after wrapping)")
+    return WrapError(
+        f"{what}. Change a model's neurons while it is unwrapped: learner.unwrap(), change it, then wrap it again "
+        "(the learner's optimizer and options may be passed again as they were)."
+    )
+
+
+def _is_neuron(module: nn.Module) -> bool:
+    """Whether a plugin takes ``module`` for a neuron (one it refuses is a neuron too)."""
+    try:
+        return plugin_manager().hook.slr_neuron_adapter(module=module) is not None
+    except UnsupportedModelError:
+        return True
+    except Exception:
+        return False  # a plugin's bug is said at the next wrap, not in the user's model building
+
+
+def _on_registration(parent: nn.Module, name: str, submodule: Optional[nn.Module]) -> None:
+    """torch's global module-registration hook (``setattr``, ``add_module``, ``Sequential.append``,
+    ``net[i] = ...``): a neuron put into a wrapped model is refused before it lands there."""
+    if submodule is None or not _WRAPPED:
+        return None
+    for model, learner in _wrapped_items():
+        if not any(m is parent for m in model.modules()):
+            continue
+        known = {id(n.module) for n in learner.neurons}
+        prefix = ".".join(filter(None, [next((n for n, m in model.named_modules() if m is parent), ""), name]))
+        added = [(".".join(filter(None, [prefix, sub_name])), m) for sub_name, m in submodule.named_modules()
+                 if id(m) not in known and _is_neuron(m)]
+        if added:
+            raise neuron_change_error(model, learner, added, [])
+    return None
+
+
+def _watch_registrations() -> None:
+    global _REGISTRATION_HOOK
+    register = getattr(nn.modules.module, "register_module_module_registration_hook", None)
+    with _LOCK:
+        if _REGISTRATION_HOOK is None and register is not None:
+            _REGISTRATION_HOOK = register(_on_registration)
+
+
 def learner_of(model: nn.Module) -> Optional[Any]:
     """The learner currently wrapping ``model``, or ``None``."""
-    return _WRAPPED.get(model)
+    with _LOCK:
+        return _WRAPPED.get(model)
 
 
 def wrap(model: nn.Module, rule: str = "sltt", **options: Any):
@@ -174,8 +235,16 @@ def wrap(model: nn.Module, rule: str = "sltt", **options: Any):
     :raises WrapError: the model is already wrapped, or an option is wrong.
     :raises UnsupportedModelError: the model holds no supported neuron.
 
-    If anything fails, the model is left exactly as it was.
+    If anything fails, the model is left exactly as it was. Wrapping and unwrapping are safe from several
+    threads (one at a time).
     """
+    with _LOCK:  # the "already wrapped" checks and the record of this learner, as one
+        learner = _wrap(model, rule, options)
+    _watch_registrations()
+    return learner
+
+
+def _wrap(model: nn.Module, rule: str, options: Dict[str, Any]) -> Any:
     if isinstance(model, nn.Module) and model in _WRAPPED:
         raise WrapError(
             f"this {type(model).__name__} is already wrapped by rule {_WRAPPED[model].name!r}; "
@@ -206,7 +275,7 @@ def wrap(model: nn.Module, rule: str = "sltt", **options: Any):
 def _check_not_wrapped_elsewhere(model: nn.Module, neurons: List[NeuronAdapter]) -> None:
     """A neuron already driven by the learner of another model (a parent of ``model``, a slice such as
     ``net[:3]`` sharing its modules) would get a second set of hooks: refuse, naming that model."""
-    owners = {id(n.module): (other_model, learner) for other_model, learner in list(_WRAPPED.items())
+    owners = {id(n.module): (other_model, learner) for other_model, learner in _wrapped_items()
               for n in learner.neurons}
     for neuron in neurons:
         owner = owners.get(id(neuron.module))
@@ -226,7 +295,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     :return: the same model object.
     :raises WrapError: the model is not wrapped.
     """
-    learner = _WRAPPED.get(model) if isinstance(model, nn.Module) else None
+    learner = learner_of(model) if isinstance(model, nn.Module) else None
     if learner is None:
         if isinstance(model, nn.Module) and _strip_copied_hooks(model):
             return model  # a deep copy of a wrapped model: what the copy carried is gone
@@ -238,7 +307,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def _strip_copied_hooks(model: nn.Module) -> bool:
     """Remove the hooks and per-instance forwards that a ``copy.deepcopy`` of a wrapped model carried
     along (an EMA teacher, a best-model snapshot). Returns whether there were any."""
-    live = {id(m): owner for owner in list(_WRAPPED) for m in owner.modules()}
+    live = {id(m): owner for owner, _ in _wrapped_items() for m in owner.modules()}
     found = False
     for module in _copied_hook_modules(model):
         if id(module) in live:
@@ -296,8 +365,10 @@ def _check_option_names(rule: str, registry: Dict[str, type], options: Dict[str,
 
 def _remember(model: nn.Module, learner: Any) -> None:
     """Record ``learner`` as the one wrapping ``model`` (a deep copy of a learner wraps its model's copy)."""
-    _WRAPPED[model] = learner
+    with _LOCK:
+        _WRAPPED[model] = learner
 
 
 def _forget(model: nn.Module) -> None:
-    _WRAPPED.pop(model, None)
+    with _LOCK:
+        _WRAPPED.pop(model, None)

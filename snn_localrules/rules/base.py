@@ -18,7 +18,7 @@ from .. import distributed
 from ..adapter import NeuronAdapter
 from ..errors import LayoutError, NonFiniteLossError, UnsupportedModelError, WrapError
 from ..plugins import plugin_manager
-from ..wrap import ModuleHooks, _forget, _remember
+from ..wrap import ModuleHooks, _forget, _is_neuron, _remember, neuron_change_error
 
 OutputChoice = Union[int, Callable[[Any], torch.Tensor], None]
 
@@ -102,7 +102,23 @@ class Rule:
         # under DDP each process keeps its own neuron state (snnTorch's are buffers, which DDP would copy
         # from rank 0 at every forward)
         self._ddp_local_state = distributed.keep_neuron_state_local(self.model, self.neurons)
+        self._structure = set(self.model.modules())  # what _check_structure compares with
         self._wrapped = True
+
+    def _check_structure(self) -> None:
+        """The model holds the neurons found at wrap time and no others. torch's registration hook refuses
+        a neuron set into a wrapped model (``wrap.py``); this finds the ways around it (``Sequential.insert``,
+        a module taken out), once per batch: such a neuron would keep its time route or not run at all."""
+        present = set(self.model.modules())
+        if present == self._structure:
+            return
+        ours = {n.module for n in self.neurons}
+        removed = [n for n in self.neurons if n.module not in present]
+        names = {m: name for name, m in self.model.named_modules()}
+        added = [(names[m] or "<model>", m) for m in present - self._structure if m not in ours and _is_neuron(m)]
+        if added or removed:
+            raise neuron_change_error(self.model, self, added, removed)
+        self._structure = present  # a new head, a parametrization: nothing the rule drives
 
     def _remove(self) -> None:
         self._hooks.remove()
@@ -775,6 +791,7 @@ def guarded_step(finite_input: bool = False, restore: Sequence[str] = ()) -> Cal
         @functools.wraps(step)
         def guarded(self: Rule, x_seq: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
             self._check_wrapped()
+            self._check_structure()
             if getattr(self, "_stepping", False):
                 raise WrapError(
                     f"step() was called while this {self.name} learner's step() is running (from inside "

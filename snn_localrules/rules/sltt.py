@@ -715,6 +715,7 @@ class SLTT(Rule):
         """Class indices ``[B]``: argmax of the model outputs summed over time. Neuron states are reset
         before and after. Runs in whatever train/eval mode the model is in."""
         self._check_wrapped()
+        self._check_structure()
         check_sequence_batch(x_seq, None, self.T)
         sequence_model = self._sequence_model()
         if not self._calls_checked:  # predict() before any step(): the same first-call check

@@ -678,6 +678,7 @@ class TP(Rule):
             raise WrapError(f"over must be 'last' (the readout at the last step) or 'sum' (summed over the "
                             f"steps), got {over!r}.")
         self._check_wrapped()
+        self._check_structure()
         check_sequence_batch(x_seq)
         sequence_model = self._sequence_model()
         with _driving(self):
