@@ -31,9 +31,14 @@ _LOSSES = "snntorch.functional.loss"
 # (spk, syn_exc, syn_inh, mem))
 _STEP_LOSSES = {"ce_rate_loss": 0, "mse_membrane_loss": -1}
 _WHY_NOT = {
-    "ce_count_loss": "it applies CE to spike counts summed over time; use SF.ce_rate_loss() or loss='ce'",
-    "mse_count_loss": "it compares spike counts summed over time; use loss='mse' per step",
-    "ce_max_membrane_loss": "it takes the maximum membrane over time; use SF.mse_membrane_loss() or 'ce'",
+    "ce_count_loss": "it applies CE to spike counts summed over time; per step, SF.ce_rate_loss() (or loss='ce') "
+                     "applies CE to each step's spikes",
+    "mse_count_loss": "it compares spike counts summed over time with target counts; per step, loss='mse' "
+                      "compares each step's spikes with the one-hot label (a target rate of 1 and 0: pass your own "
+                      "callable (o_t, y) -> scalar for other correct_rate/incorrect_rate targets)",
+    "ce_max_membrane_loss": "it takes the maximum membrane over time; per step, SF.ce_rate_loss() with output=-1 "
+                            "passed to wrap applies CE to each step's membrane, SF.mse_membrane_loss() compares it "
+                            "with the label",
     "mse_temporal_loss": "it compares first-spike times, which need the whole sequence",
     "ce_temporal_loss": "it compares first-spike times, which need the whole sequence",
 }
@@ -157,7 +162,8 @@ def slr_step_loss(loss: object) -> Optional[StepLoss]:
         reason = _WHY_NOT.get(name, "it is not known to be a sum of per-time-step terms")
     raise LossError(
         f"snnTorch's {name} cannot be used by an online rule, which backpropagates each time step's "
-        f"loss at once: {reason}."
+        f"loss at once: {reason}. Zero-change mode (slr.wrap(model, rule='sltt') and your own loop) keeps "
+        f"{name} as it is."
     )
 
 

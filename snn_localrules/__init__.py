@@ -37,6 +37,7 @@ from .errors import (  # noqa: E402
     LayoutError,
     LossError,
     NonFiniteLossError,
+    OnlineLossWarning,
     PluginError,
     SLRError,
     UnsupportedModelError,
@@ -74,4 +75,5 @@ __all__ = [
     "PluginError",
     "LossError",
     "NonFiniteLossError",
+    "OnlineLossWarning",
 ]

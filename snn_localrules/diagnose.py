@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from .adapter import NeuronAdapter
-from .errors import LossError, WrapError
-from .functional.losses import StepLoss, resolve_step_loss
+from .errors import LossError, SLRError, WrapError
+from .functional.losses import StepLoss, resolve_step_loss, step_loss_error
 from .memory import SavedBytes, storage_keys
 from .plugins import plugin_manager
 from .rules.base import (
@@ -212,16 +212,24 @@ def _reset(model: nn.Module, neurons: Sequence[NeuronAdapter]) -> None:
 
 def _batch_loss(
     model: nn.Module, x_seq: torch.Tensor, y: torch.Tensor, step_loss: StepLoss, sequence_model: bool,
-    choice: OutputChoice, per_step: bool = False,
+    choice: OutputChoice, per_step: bool = False, first: bool = False,
 ) -> torch.Tensor:
     """``(1/T) sum_t L_t(o[t], y)`` over one forward of the whole sequence, as a user's loop computes it
     (``per_step``: one call per step, for a model whose forward returns a rate over time)."""
     outputs = run_in_time(model, x_seq, sequence_model, choice, one_call_per_step=per_step)
-    return sum(_step_loss(step_loss, out, y, t) for t, out in enumerate(outputs)) / len(outputs)
+    return sum(_step_loss(step_loss, out, y, t, first and t == 0) for t, out in enumerate(outputs)) / len(outputs)
 
 
-def _step_loss(step_loss: StepLoss, out: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
-    loss = step_loss(out, y)
+def _step_loss(step_loss: StepLoss, out: torch.Tensor, y: torch.Tensor, t: int, first: bool = False) -> torch.Tensor:
+    """``first``: the loss's first call, where a loss written for the whole sequence fails."""
+    try:
+        loss = step_loss(out, y)
+    except (SLRError, torch.cuda.OutOfMemoryError):
+        raise
+    except (IndexError, RuntimeError, TypeError, ValueError) as error:
+        if first:
+            raise step_loss_error(step_loss, out, y, error) from error
+        raise
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise LossError(
             f"the loss {step_loss.name} returned {getattr(loss, 'shape', type(loss).__name__)} at step {t}; "
@@ -348,7 +356,7 @@ def diagnose(
     try:
         fresh_start()
         with torch.enable_grad(), SavedBytes(exclude) as bptt_saved:
-            bptt_loss = _batch_loss(model, x_seq, y, step_loss, sequence_model, choice, per_step)
+            bptt_loss = _batch_loss(model, x_seq, y, step_loss, sequence_model, choice, per_step, first=True)
         g_bptt = _gradients(bptt_loss, params)
         loss_value = float(bptt_loss.detach())
         del bptt_loss

@@ -36,3 +36,8 @@ class PluginError(SLRError, RuntimeError):
 
 class BackendError(SLRError, RuntimeError):
     """A compute backend (e.g. CuPy kernels) was asked for but cannot run here."""
+
+
+class OnlineLossWarning(UserWarning):
+    """Online training will optimise another loss than the user's code reads (a model that reduces its
+    output over time other than by a mean is trained on each step's output)."""

@@ -959,3 +959,23 @@ def test_wrap_and_unwrap_from_several_threads():
     finally:
         sys.setswitchinterval(interval)
     assert not errors, errors[:1]
+
+
+# -- a loss written for the whole sequence -----------------------------------------------------------
+@pytest.mark.parametrize("loss", [lambda out, y: F.cross_entropy(out.mean(0), y),
+                                  lambda out, y: F.cross_entropy(out.transpose(0, 1).reshape(-1, C), y.repeat(T)),
+                                  lambda out, y, weight: F.cross_entropy(out, y) * weight],
+                         ids=["mean over time", "TET on [B, T, C]", "three arguments"])
+def test_a_loss_written_for_the_whole_sequence_fails_with_the_shapes_it_got(loss):
+    """Online rules call loss(o_t, y) per step: a loss of the sequence failed in torch's own words ("For 1D
+    input, 1D target must have size 1", a TypeError on its arguments). Now a LossError names one step's
+    shapes and zero-change mode, in step() and in diagnose(), with the model unchanged."""
+    model, opt, learner = make_learner("sltt", loss=loss, warm=False)
+    before = snapshot(model)
+    with pytest.raises(slr.LossError, match=r"failed on one time step's output \(3, 5\) and labels \(3,\).*"
+                                            r"zero-change mode"):
+        learner.step(*batch())
+    assert_same_snapshot(before, snapshot(model))
+    learner.unwrap()
+    with pytest.raises(slr.LossError, match=r"failed on one time step's output \(3, 5\)"):
+        slr.diagnose(model, *batch(), loss=loss)

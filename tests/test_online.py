@@ -94,13 +94,47 @@ class _Rate(nn.Module):
     """A multi-step model whose forward returns the firing rate over time (as Spikformer's does), or, with
     ``reduce=False``, the output sequence."""
 
-    def __init__(self, reduce):
+    def __init__(self, reduce, how="mean"):
         super().__init__()
-        self.body, self.reduce = sj_mlp(step_mode="m"), reduce
+        self.body, self.reduce, self.how = sj_mlp(step_mode="m"), reduce, how
 
     def forward(self, x):
         out = self.body(x)
-        return out.mean(0) if self.reduce else out
+        if not self.reduce:
+            return out
+        return {"mean": lambda: out.mean(0), "sum": lambda: out.sum(0), "max": lambda: out.amax(0),
+                "last": lambda: out[-1], "relu head": lambda: torch.relu(out.mean(0) - 0.5)}[self.how]()
+
+
+@pytest.mark.parametrize("how", ["mean", "sum", "max", "last", "relu head"])
+def test_a_reduction_over_time_other_than_a_mean_is_said_once(how):
+    """Online mode trains such a model on each step's output, mean_t loss(o_t, y): the documented meaning
+    for a rate (a mean over time). A max-over-time readout (SHD), a sum or the last step were trained so
+    without a word (0.13 off the SLTT gradient of CE(max_t o_t), cosine 0.76): now an OnlineLossWarning
+    names the reduction and points to zero-change mode."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _Rate(True, how)
+    with torch.no_grad():
+        model.body[0].weight.mul_(3.0)  # spikes: the one-step outputs differ from step to step
+        model.body[2].weight.mul_(4.0)
+        model.body[2].bias.add_(0.5)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.rand(6, 4, 12) * 2, torch.randint(0, 5, (4,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learner.step(x, y)
+        learner.step(x, y)
+        learner.predict(x)
+    said = [str(w.message) for w in caught if issubclass(w.category, slr.OnlineLossWarning)]
+    learner.unwrap()
+    if how == "mean":
+        assert not said
+        return
+    assert len(said) == 1
+    kind = {"sum": "a sum", "max": "a max", "last": "the last", "relu head": "not the mean"}[how]
+    assert f"its output is {kind} of its one-step outputs" in said[0] and "zero-change mode" in said[0]
 
 
 @pytest.mark.parametrize("options", [dict(K=3, seed=2), dict(chunk=3), dict(chunk=2, K=5, seed=1)])

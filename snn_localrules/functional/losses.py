@@ -108,3 +108,15 @@ def resolve_step_loss(loss: Union[str, Callable, StepLoss], plugin_answer=None) 
     if callable(loss):
         return StepLoss(loss, getattr(loss, "__name__", type(loss).__name__))
     raise LossError(f"loss must be a name or a callable (o_t, y) -> scalar, got {type(loss).__name__}.")
+
+
+def step_loss_error(step_loss: StepLoss, out: torch.Tensor, target: torch.Tensor, error: Exception) -> LossError:
+    """A per-step loss failed: name the shapes it was given, since a loss written for the whole sequence
+    (``CE(out.mean(0), y)``, a ``[B, T, C]`` TET loss) fails on one step's output in torch's own words."""
+    return LossError(
+        f"the loss {step_loss.name} failed on one time step's output {tuple(out.shape)} and labels "
+        f"{tuple(target.shape)}: {type(error).__name__}: {error}. An online rule calls the loss once per step, "
+        "loss(o_t, y) with o_t one step's output [B, C], not the sequence [T, B, C] or its mean over time; "
+        "write it for one step (the rule averages over the steps), or keep a loss of the whole sequence in "
+        "zero-change mode (slr.wrap(model, rule='sltt') and your own loop)."
+    )

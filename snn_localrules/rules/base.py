@@ -9,6 +9,7 @@ import inspect
 import math
 import numbers
 import os
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 from .. import distributed
 from ..adapter import NeuronAdapter
-from ..errors import LayoutError, NonFiniteLossError, UnsupportedModelError, WrapError
+from ..errors import LayoutError, NonFiniteLossError, OnlineLossWarning, UnsupportedModelError, WrapError
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks, _forget, _is_neuron, _remember, neuron_change_error
 
@@ -516,18 +517,54 @@ def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoi
     first = x_seq[:1]
     model.eval()
     outs = []
+    reduces = False
     try:
         for probe in (first, first.expand(2, *first.shape[1:])):
             reset()
             outs.append(choose_output(model(probe), choice))
+        reduces = reduces_time(outs[0], outs[1], x_seq.shape[1])
+        if reduces:
+            _warn_unless_mean_over_time(model, x_seq[:8], choice, reset)
     except Exception:
-        outs = []  # a model that cannot take such a call: the real call says what is wrong
+        reduces = False  # a model that cannot take such a call: the real call says what is wrong
     finally:
         for module, training in modes:
             module.training = training
         set_rng_states(rng, x_seq.device)
         reset()
-    return len(outs) == 2 and reduces_time(outs[0], outs[1], x_seq.shape[1])
+    return reduces
+
+
+def _warn_unless_mean_over_time(model: nn.Module, x: torch.Tensor, choice: OutputChoice,
+                                reset: Callable[[], None]) -> None:
+    """Online mode calls a model that reduces its output over time one step at a time and trains
+    ``mean_t loss(o_t, y)``: the meaning of the user's loss when the reduction is a mean (documented). A max,
+    a sum, the last step or a nonlinear head after the mean give another output over the sequence than the
+    mean of the one-step outputs: say so (once, from the first batch's first steps, in eval mode)."""
+    if len(x) < 2:
+        return
+    reset()
+    whole = choose_output(model(x), choice)
+    reset()
+    steps = torch.stack([choose_output(model(x[t : t + 1]), choice) for t in range(len(x))])
+    mean = steps.mean(0)
+    if whole.shape != mean.shape or not whole.is_floating_point():
+        return
+    scale = max(1.0, float(mean.abs().max()))
+    gap = float((whole - mean).abs().max())
+    if gap <= 1e-4 * scale:
+        return
+    kinds = [name for name, value in (("a sum", steps.sum(0)), ("a max", steps.amax(0)), ("the last", steps[-1]))
+             if float((whole - value).abs().max()) <= 1e-4 * max(1.0, float(value.abs().max()))]
+    warnings.warn(
+        f"this model's forward reduces its output over time, but not by a mean (over the first {len(x)} steps "
+        f"of the first batch its output is {kinds[0] if kinds else 'not the mean'} of its one-step outputs; "
+        f"largest difference from their mean {gap:.3g}). Online SLTT calls such a model one step at a time and "
+        "trains the mean over steps of the loss of each step's output, mean_t loss(o_t, y), as SLTT does, not "
+        "your loss of the reduced output. For the SLTT gradient of the loss of the reduced output (a max-over-"
+        "time readout, say), use zero-change mode: slr.wrap(model, rule='sltt') and your own loop.",
+        OnlineLossWarning, stacklevel=4,
+    )
 
 
 def reduces_time(one: torch.Tensor, two: torch.Tensor, batch: int) -> bool:

@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from .. import graphs
 from ..adapter import NeuronAdapter
-from ..errors import LayoutError, LossError, NonFiniteLossError, PluginError, UnsupportedModelError, WrapError
-from ..functional.losses import StepLoss, resolve_step_loss
+from ..errors import LayoutError, LossError, NonFiniteLossError, PluginError, SLRError, UnsupportedModelError, WrapError
+from ..functional.losses import StepLoss, resolve_step_loss, step_loss_error
 from ..functional.norm_recompute import NormSources, channel_dim, rebuild_input_from
 from ..functional.spike_pack import SpikePacker, others_on_top, pooled_window
 from ..memory import SavedBytes, memory_budget, storage_keys
@@ -438,6 +438,7 @@ class SLTT(Rule):
         self._calls_checked = False
         #: a multi-step model whose forward reduces its output over time: None until the first batch
         self._reduces_time: Optional[bool] = None
+        self._loss_worked = False  # the loss has returned once: a later failure is not about its shapes
         # modules that must get whole sequences (per-step scales, attention over T): online mode needs
         # chunk >= T and no K
         self._whole_sequence = whole_sequence_modules(model, self.neurons) if self.online else []
@@ -689,15 +690,20 @@ class SLTT(Rule):
             self._check_tuple_output = False
         try:
             loss = self.step_loss(out, y)
-        except (IndexError, RuntimeError) as error:
+        except (SLRError, torch.cuda.OutOfMemoryError):
+            raise
+        except (IndexError, RuntimeError, TypeError, ValueError) as error:
             # the class range is only known from the output: checked on failure, no host sync otherwise
             classes = out.shape[-1] if out.dim() else 0
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+            if isinstance(error, (IndexError, RuntimeError)) and y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
                 raise LossError(
                     f"labels must be class indices in [0, {classes}) (the model outputs {classes} values per "
                     f"sample); y holds [{int(y.min())}, {int(y.max())}]. Check the labels or the output layer."
                 ) from error
+            if not self._loss_worked:  # a loss written for the whole sequence fails at its first call
+                raise step_loss_error(self.step_loss, out, y, error) from error
             raise
+        self._loss_worked = True
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise LossError(
                 f"the loss {self.step_loss.name} returned {getattr(loss, 'shape', type(loss).__name__)} at "
