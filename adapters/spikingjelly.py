@@ -709,7 +709,7 @@ def _neuron_classes(neuron_module: Any, base: Any) -> List[tuple]:
             probe = cls()
         except Exception:
             continue
-        if _is_neuron(probe, base) and not _input_only_through_state(cls):
+        if _is_neuron(probe, base) and not _input_only_through_state(cls) and not _is_ottt(cls):
             found.append((name, cls))
     return found
 

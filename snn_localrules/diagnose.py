@@ -32,6 +32,7 @@ from .rules.base import (
     buffer_copies,
     check_devices,
     check_neurons_pass_gradients,
+    check_output_choice,
     check_sequence_batch,
     probe_reduces_time,
     restore_buffers,
@@ -320,6 +321,7 @@ def diagnose(
     check_neurons_pass_gradients(model, neurons)
     if not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a cosine in [-1, 1], got {threshold!r}.")
+    check_output_choice(output)
     step_loss = resolve_step_loss(loss, plugin_answer=lambda obj: plugin_manager().hook.slr_step_loss(loss=obj))
     choice = output if output is not None else step_loss.output_index
     owns_loop = any(n.explicit_state for n in neurons)

@@ -979,3 +979,17 @@ def test_a_loss_written_for_the_whole_sequence_fails_with_the_shapes_it_got(loss
     learner.unwrap()
     with pytest.raises(slr.LossError, match=r"failed on one time step's output \(3, 5\)"):
         slr.diagnose(model, *batch(), loss=loss)
+
+
+@pytest.mark.parametrize("bad", ["mem", 1.5, True])
+@pytest.mark.parametrize("rule", RULES)
+def test_an_output_choice_that_is_no_index_is_refused_at_wrap(rule, bad):
+    """output='mem' was taken, then failed at the first step in a bare TypeError ('<=' between int and str),
+    or was ignored on a model that returns one tensor."""
+    model = make_model()
+    options = dict(num_classes=C) if rule == "tp" else {}
+    with pytest.raises(slr.WrapError, match=r"output must be an index .*got " + repr(bad).replace(".", r"\.")):
+        slr.wrap(model, rule=rule, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), output=bad, **options)
+    with pytest.raises(slr.WrapError, match="output must be an index"):
+        slr.diagnose(model, *batch(), output=bad)
+    assert slr.learner_of(model) is None

@@ -146,6 +146,16 @@ def test_spikingjelly_ottt_neuron_is_refused():
                                                           r"SpikingJelly's own OTTT neuron.*Use LIFNode"):
         slr.wrap(model, rule="sltt")
     assert slr.learner_of(model) is None and not any(m._forward_pre_hooks for m in model.modules())
+    assert "OTTTLIFNode" not in {n.name for n in slr.neurons() if n.framework == "spikingjelly"}
+
+
+def test_every_spikingjelly_neuron_listed_as_supported_wraps():
+    """slr.neurons() had listed OTTTLIFNode, which wrap refuses: what it lists, wrap takes."""
+    listed = [n.name for n in slr.neurons() if n.framework == "spikingjelly" and "." not in n.name]
+    assert "LIFNode" in listed
+    for name in listed:
+        model = nn.Sequential(layer.Linear(12, 16), getattr(neuron, name)(), layer.Linear(16, 5))
+        slr.wrap(model, rule="sltt").unwrap()
 
 
 @pytest.mark.parametrize("step_mode", ["s", "m"])

@@ -754,6 +754,16 @@ def check_common_options(seed: Any, T: Any, multi_step: Any, seed_may_be_none: b
         raise WrapError(f"multi_step must be None (found out from the model), True or False, got {multi_step!r}.")
 
 
+def check_output_choice(output: Any) -> None:
+    """Validate the ``output=`` option: which element of a tuple model output the loss reads."""
+    if output is None or callable(output) or (isinstance(output, numbers.Integral) and not isinstance(output, bool)):
+        return
+    raise WrapError(
+        f"output must be an index into the model's tuple output (snnTorch's (spk, mem): 0 for the spikes, -1 for "
+        f"the membrane), a callable output -> tensor, or None; got {output!r}."
+    )
+
+
 def all_finite(tensors: List[torch.Tensor]) -> bool:
     """True when no element of ``tensors`` is NaN or infinite. One fused norm per device instead of an
     elementwise mask per tensor: a non-finite element makes its tensor's norm non-finite (an overflowing

@@ -35,6 +35,7 @@ from .base import (
     check_chunk,
     check_clip_grad_norm,
     check_common_options,
+    check_output_choice,
     check_finite_gradients,
     check_precision,
     check_sequence_batch,
@@ -376,6 +377,7 @@ class SLTT(Rule):
                     "drop it (in your loop: your loss, torch.autocast for mixed precision)."
                 )
         check_common_options(seed, T, multi_step, seed_may_be_none=True)
+        check_output_choice(output)
         if K is not None and (not isinstance(K, int) or isinstance(K, bool) or K < 1):
             raise WrapError(f"K must be a positive int (steps backpropagated per batch) or None, got {K!r}.")
         if sample not in ("random", "last"):

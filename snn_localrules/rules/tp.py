@@ -41,6 +41,7 @@ from .base import (
     check_optimizer,
     check_clip_grad_norm,
     check_common_options,
+    check_output_choice,
     check_finite_gradients,
     check_precision,
     check_sequence_batch,
@@ -281,6 +282,7 @@ class TP(Rule):
                 f"got {label_scale!r}."
             )
         check_common_options(seed, None, multi_step, seed_may_be_none=False)
+        check_output_choice(output)
         if spatial not in SPATIAL_MODES:
             raise WrapError(f"spatial must be one of {', '.join(map(repr, SPATIAL_MODES))}, got {spatial!r}.")
         if label_batch not in LABEL_BATCH_MODES:
@@ -545,8 +547,9 @@ class TP(Rule):
             self._warned_silent = True
             warnings.warn(
                 f"TP: hidden layer(s) {silent} never spiked in this batch. A silent layer has all-zero traces "
-                "and gets no gradient, so TP cannot start from it: raise the input scale, lower v_threshold or "
-                "raise tau (slower decay).",
+                "and gets no gradient, so TP cannot start from it: raise the input scale, lower the threshold "
+                "(SpikingJelly's v_threshold, snnTorch's threshold) or slow the decay (a larger SpikingJelly "
+                "tau, snnTorch beta).",
                 RuntimeWarning,
                 stacklevel=4,  # _step, step, guarded_step, the caller
             )
