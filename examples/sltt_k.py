@@ -33,6 +33,7 @@ method). The last line printed is ``RESULT {...}``; its ``accuracy`` is that of 
 import argparse
 import copy
 import json
+import logging
 import os
 import statistics
 import sys
@@ -45,6 +46,10 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
 import snn_localrules as slr
 from snn_localrules.data import load_nmnist5k_events
+
+# SpikingJelly 2's multi-step neurons ask torch for Triton kernels, and torch logs that Triton is missing (on a
+# CPU machine); nothing here uses Triton
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 
 try:
     from tqdm import tqdm

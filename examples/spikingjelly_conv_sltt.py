@@ -30,6 +30,7 @@ last line printed is ``RESULT {...}`` with the final accuracy.
 """
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -39,6 +40,10 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
 import snn_localrules as slr
 from snn_localrules.data import load_nmnist5k_events
+
+# SpikingJelly 2's multi-step neurons ask torch for Triton kernels, and torch logs that Triton is missing (on a
+# CPU machine); nothing here uses Triton
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 
 try:
     from tqdm import tqdm

@@ -62,6 +62,7 @@ writer/speaker after 5-shot adaptation.
 import argparse
 import copy
 import json
+import logging
 import os
 import statistics
 import sys
@@ -73,6 +74,10 @@ from spikingjelly.activation_based import layer, neuron, surrogate
 
 import snn_localrules as slr
 from snn_localrules.data import load_mnist5k, saccade_events
+
+# SpikingJelly 2's multi-step neurons ask torch for Triton kernels, and torch logs that Triton is missing (on a
+# CPU machine); nothing here uses Triton
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 
 try:
     from tqdm import tqdm

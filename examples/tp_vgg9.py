@@ -37,6 +37,7 @@ per batch). The last line printed is ``RESULT {...}``.
 """
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -44,6 +45,10 @@ import torch
 
 import snn_localrules as slr
 from snn_localrules.data import load_nmnist5k_events
+
+# SpikingJelly 2's multi-step neurons ask torch for Triton kernels, and torch logs that Triton is missing (on a
+# CPU machine); nothing here uses Triton
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 
 try:
     from tqdm import tqdm

@@ -37,6 +37,7 @@ layer starts firing only after about 25 batches, so the quick run ends near chan
 import argparse
 import copy
 import json
+import logging
 import os
 import sys
 
@@ -47,6 +48,10 @@ from spikingjelly.activation_based.model import parametric_lif_net
 
 import snn_localrules as slr
 from snn_localrules.data import load_nmnist5k_events
+
+# SpikingJelly 2's multi-step neurons ask torch for Triton kernels, and torch logs that Triton is missing (on a
+# CPU machine); nothing here uses Triton
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 
 try:
     from tqdm import tqdm

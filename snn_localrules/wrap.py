@@ -290,7 +290,8 @@ def _check_not_wrapped_elsewhere(model: nn.Module, neurons: List[NeuronAdapter])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Undo :func:`wrap`: remove every hook, restore step modes, give the model back as it was.
+    """Undo :func:`wrap`: remove every hook and per-instance forward it installed; the model is given
+    back as it was (wrapping changes no class, parameter, buffer or step mode).
 
     :return: the same model object.
     :raises WrapError: the model is not wrapped.

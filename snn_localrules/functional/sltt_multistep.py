@@ -1,7 +1,7 @@
 """Multi-step IF / LIF / ParametricLIF neurons with SLTT's backward, in one autograd node.
 
-Under SLTT the membrane carried from step t-1 into step t is a constant in backward (ALGORITHMS.md, section
-1). Then nothing links two time steps in backward, and the gradient of a whole ``[T, N, ...]`` call is
+Under SLTT the membrane carried from step t-1 into step t is a constant in backward (Meng et al.
+2023). Then nothing links two time steps in backward, and the gradient of a whole ``[T, N, ...]`` call is
 elementwise over time::
 
     dL/dH[t] = dL/ds[t] * sg(H[t] - theta)  (+ terms from dL/dV[t] if the membrane itself is used)

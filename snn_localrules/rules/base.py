@@ -160,9 +160,12 @@ class Rule:
         plugin_manager().hook.slr_reset_model(model=self.model, neurons=self.neurons)
 
     def state_dict(self) -> Dict[str, Any]:
+        """The learner's own state (rule name and options, generators, the optimizer and scaler it drives;
+        subclasses add theirs), not the model's: :meth:`save` stores both."""
         return {"rule": self.name}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Take back a :meth:`state_dict` of a learner of the same rule (a ``ValueError`` otherwise)."""
         if not self._own_rule(state.get("rule")):
             raise ValueError(f"state_dict is for rule {state.get('rule')!r}, this learner is {self.name!r}")
 

@@ -752,6 +752,8 @@ class SLTT(Rule):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        """The rule's options (K, sample, seed, T, chunk), SLTT-K's generator, the chunk found by
+        ``chunk="auto"``, and the optimizer's and scaler's state (online mode)."""
         state = super().state_dict()
         state.update(K=self.K, sample=self.sample, seed=self.seed, T=self.T, generator=self.generator.get_state(),
                      chunk=self.chunk, max_memory=self.max_memory, chunk_size=self.chunk_size)
@@ -762,6 +764,7 @@ class SLTT(Rule):
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Take back a :meth:`state_dict` (the optimizer's and scaler's state too, where this learner has them)."""
         super().load_state_dict(state)
         self.K, self.sample, self.seed, self.T = state["K"], state["sample"], state["seed"], state["T"]
         self.generator.set_state(state["generator"])

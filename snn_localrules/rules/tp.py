@@ -85,6 +85,9 @@ class TPStats:
     skipped_steps: List[int] = field(default_factory=list)
 
     def correct(self, y: torch.Tensor) -> int:
+        """How many of ``y`` the batch's last step predicted. That step comes after T-1 updates on the same
+        batch, so this reads higher than a held-out :meth:`TP.predict`: use it to watch training, not to
+        measure it."""
         return int((self.prediction == y.to(self.prediction.device)).sum())
 
 
@@ -702,6 +705,8 @@ class TP(Rule):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        """The rule's options, the fixed label projection, the frozen layers, and the optimizer's and
+        scaler's state."""
         state = super().state_dict()
         state.update(
             num_classes=self.num_classes, trace_decay=self.trace_decay, seed=self.seed,
@@ -713,6 +718,7 @@ class TP(Rule):
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Take back a :meth:`state_dict` (the label projection and the optimizer's state too)."""
         super().load_state_dict(state)
         self.num_classes, self.trace_decay = state["num_classes"], state["trace_decay"]
         self.seed, self.label_scale = state["seed"], state["label_scale"]
