@@ -29,7 +29,8 @@ own state (``init_hidden=True``); see ``examples/spikingjelly_conv_sltt.py``.
 
 **Expected result.** Both runs learn and their loss curves lie close together, SLTT slightly behind
 (beta=0.95 is a slow neuron, where dropping the membrane's gradient costs most). Measured with the
-defaults (2 epochs, seed 0): BPTT 86.7%, SLTT 84.6% held-out; one quick epoch: 79.7% vs 78.1%. The SLTT
+defaults (2 epochs, seed 0, 2 CPU threads): BPTT 86.7%, SLTT 84.6% held-out; one quick epoch: 79.7% vs
+78.1% (another thread count sums in another order: a few tenths of a point either way). The SLTT
 run saves about 0.7x BPTT's tensors for backward (25.1 vs 36.9 MB per batch of 128 at T=25). Figure: ``<out>/snntorch_tutorial_sltt.png`` (training loss per batch of both runs). The
 last line printed is ``RESULT {...}``; its ``accuracy`` is the SLTT run's.
 """
@@ -79,17 +80,20 @@ class Net(nn.Module):
 
 def saved_for_backward_mb(compute_loss) -> tuple:
     """Run ``compute_loss()`` and measure the tensors autograd keeps for the backward pass (MB, each
-    storage counted once). Returns ``(loss, megabytes)``."""
+    storage counted once). Returns ``(loss, megabytes)``. The storages are held until counted: one freed
+    meanwhile could hand its address to another, which would then go uncounted."""
     storages = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        storages[storage.data_ptr()] = storage
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = compute_loss()
-    return loss, sum(storages.values()) / 2**20
+    megabytes = sum(storage.nbytes() for storage in storages.values()) / 2**20
+    storages.clear()
+    return loss, megabytes
 
 
 def train(net, data, args, rule: str):
