@@ -118,10 +118,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     for index, (name, script_argv) in enumerate(runs):
         if len(runs) > 1:
             print(f"\n=== [{index + 1}/{len(runs)}] {name}: {BENCHMARKS[name][2]} ===", flush=True)
+        program, sys.argv[0] = sys.argv[0], f"snn-localrules bench {name}"  # what argparse's usage lines name
         try:
             code = load_script(name).main(script_argv)
         except SystemExit as exc:  # argparse's --help and usage errors
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        finally:
+            sys.argv[0] = program
         worst = max(worst, int(code or 0))
     return worst
 

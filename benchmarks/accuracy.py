@@ -197,19 +197,20 @@ def plot(payload: Dict, path: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--T", type=int, default=10)
-    p.add_argument("--K", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--tp-lr", type=float, default=1e-3)
-    p.add_argument("--width", type=float, default=0.125, help="VGG-9 width factor")
-    p.add_argument("--limit", type=int, default=0, help="use only this many training samples")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to train (default all)")
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES, help="rules to compare (default all)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3; --quick: 1)")
+    p.add_argument("--T", type=int, default=10, help="time steps per sample (default 10)")
+    p.add_argument("--K", type=int, default=2, help="steps SLTT-K backpropagates (default 2)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of BPTT, SLTT and SLTT-K (default 1e-3)")
+    p.add_argument("--tp-lr", type=float, default=1e-3, help="Adam learning rate of TP (default 1e-3)")
+    p.add_argument("--width", type=float, default=0.125, help="VGG-9 width factor (default 0.125)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="use only this many training samples (and a quarter as many held-out; default all)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="model, data order and TP projection seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="1 epoch on 400 samples, results under results/quick/")
     p.add_argument("--out", default=None,
                    help=f"JSON output path (default {DEFAULT_OUT}; with --quick {QUICK_OUT}, so that a smoke "
                         "run does not overwrite the full results); the PNG goes next to it")

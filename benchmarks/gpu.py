@@ -890,10 +890,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--Ts", type=int, nargs="+", default=None, help="time steps (10 20; --quick: 4)")
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (32 128; --quick: 4)")
-    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
-                   help=f"subset of {' '.join(METHODS)} (default all)")
+    p.add_argument("--Ts", nargs="+", default=None, help="time steps, space- or comma-separated (10 20; --quick: 4)")
+    p.add_argument("--batches", nargs="+", default=None, help="batch sizes, space- or comma-separated (32 128; "
+                                                              "--quick: 4)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"subset of {' '.join(METHODS)}, space- or comma-separated (default all)")
     p.add_argument("--timed", type=int, default=None, help="timed batches per cell (10; --quick: 1)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed batches first (2: the first compiles SpikingJelly's Triton kernels; --quick: 1)")
@@ -935,6 +936,17 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
+    for name in ("Ts", "batches", "methods"):  # "10 20", "10,20" and "10, 20" alike
+        values = getattr(args, name)
+        setattr(args, name, [v for value in values for v in value.split(",") if v] if values else None)
+    try:
+        args.Ts = [int(v) for v in args.Ts] if args.Ts else None
+        args.batches = [int(v) for v in args.batches] if args.batches else None
+    except ValueError as error:
+        p.error(f"--Ts and --batches take whole numbers: {error}")
+    unknown = sorted(set(args.methods or ()) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {' '.join(METHODS)}")
     args.Ts = args.Ts or list(QUICK_TS if quick else FULL_TS)
     args.batches = args.batches or list(QUICK_BATCHES if quick else FULL_BATCHES)
     args.methods = args.methods or list(METHODS)

@@ -667,9 +667,10 @@ def parse_args(argv=None):
                         "run does not overwrite the full results); the PNG goes next to it")
     p.add_argument("--plot-only", action="store_true",
                    help="redraw the PNG from the existing JSON at --out; runs nothing")
-    p.add_argument("--Ts", default=None, help="comma-separated T values (overrides the default set)")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(ALL_METHODS)} "
-                                                   f"(default {','.join(METHODS)})")
+    p.add_argument("--Ts", nargs="+", default=None,
+                   help="T values, comma- or space-separated (overrides the default set)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"comma- or space-separated subset of {','.join(ALL_METHODS)} (default {','.join(METHODS)})")
     p.add_argument("--malloc", choices=("both", "mmap", "glibc"), default="both",
                    help="mmap: workers run with MALLOC_MMAP_THRESHOLD_=131072, so every tensor block over "
                         "128 KiB is returned to the OS when freed and the peak RSS follows the live memory (but "
@@ -688,6 +689,8 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=ALL_METHODS, help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.Ts = ",".join(args.Ts) if args.Ts else None  # "2,4 8" -> "2,4,8"
+    args.methods = ",".join(args.methods) if args.methods else None
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     if args.batches is None:

@@ -339,9 +339,9 @@ def parse_args(argv=None):
     p.add_argument("--neuron", choices=sorted(NEURON_SETTINGS), default="sltt",
                    help="sltt: soft reset, detach_reset (SLTT authors); sj: LIFNode defaults (hard reset)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--Ts", default=None, help="comma-separated T values")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)} (CUDA also {','.join(CUDA_METHODS)})")
+    p.add_argument("--Ts", nargs="+", default=None, help="T values, comma- or space-separated")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"comma- or space-separated subset of {','.join(METHODS)} (CUDA also {','.join(CUDA_METHODS)})")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: CUDA memory and synchronised times)")
     p.add_argument("--out", default=None,
                    help=f"JSON output path (default {DEFAULT_OUT}; with --quick {QUICK_OUT}, so that a smoke run "
@@ -353,6 +353,8 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=METHODS + CUDA_METHODS, help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.Ts = ",".join(args.Ts) if args.Ts else None  # "10,20" and "10 20" alike
+    args.methods = ",".join(args.methods) if args.methods else None
     if args.batches is None:
         args.batches = 1 if args.quick else 3
     if args.methods and set(args.methods.split(",")) - set(METHODS + CUDA_METHODS):

@@ -119,12 +119,12 @@ def plot(payload: Dict, path: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--batches", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="T in {2, 8}, 1 batch, results under results/quick/")
+    p.add_argument("--batches", type=int, default=2, help="measured batches per configuration (default 2)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--width", type=float, default=0.25, help="VGG-9 width factor (default 0.25)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
     p.add_argument("--out", default=None,
                    help=f"JSON output path (default {DEFAULT_OUT}; with --quick {QUICK_OUT}, so that a smoke "
                         "run does not overwrite the full results); the PNG goes next to it")

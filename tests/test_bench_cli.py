@@ -207,3 +207,21 @@ def test_multistep_benchmark_options_and_one_worker():
         result = multistep.run_worker(args)
         assert result["error"] is None and result["device"].startswith(device) and result["peak_growth_mb"] > 0
         assert result["memory_kind"] == ("cuda_max_allocated" if device == "cuda" else "peak_rss")
+
+
+def test_list_options_take_commas_or_spaces_and_usage_names_the_command(dispatcher, capsys):
+    """`bench memory --Ts 4 8` was refused ("unrecognized arguments") and `bench gpu --Ts 4,8` too ("invalid
+    int value"): both spellings work in both; a benchmark's usage line says `snn-localrules bench <name>`
+    (it said __main__.py)."""
+    pytest.importorskip("spikingjelly")
+    memory = dispatcher.load_script("memory")
+    for argv in (["--Ts", "4", "8"], ["--Ts", "4,8"]):
+        assert memory.parse_args(argv + ["--methods", "bptt", "sltt"]).Ts == "4,8"
+    gpu = dispatcher.load_script("gpu")
+    for argv in (["--Ts", "4", "8"], ["--Ts", "4,8"]):
+        args = gpu.parse_args(argv + ["--batches", "2,3", "--methods", "sj_bptt,sltt_c1", "--device", "cpu"])
+        assert (args.Ts, args.batches, args.methods) == ([4, 8], [2, 3], ["sj_bptt", "sltt_c1"])
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--methods", "nonsense", "--device", "cpu"])
+    assert dispatcher.main(["memory", "--Ts"]) == 2
+    assert "usage: snn-localrules bench memory" in capsys.readouterr().err
