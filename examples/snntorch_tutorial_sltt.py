@@ -146,7 +146,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1024 training / 256 held-out digits")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs")
-    parser.add_argument("--steps", type=int, default=25, help="time steps (num_steps)")
+    parser.add_argument("--T", "--steps", dest="steps", type=int, default=25,
+                        help="time steps (the tutorial's num_steps; --steps is the same option)")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, the initial weights and the batch order")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "output"), help="directory for the figure")
