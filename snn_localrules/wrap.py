@@ -200,14 +200,16 @@ def _on_registration(parent: nn.Module, name: str, submodule: Optional[nn.Module
     if submodule is None or not _WRAPPED:
         return None
     for model, learner in _wrapped_items():
-        if not any(m is parent for m in model.modules()):
+        parts = getattr(learner, "_structure", None)  # the model's modules, kept by the learner
+        if not (parent in parts if parts is not None else any(m is parent for m in model.modules())):
             continue
         known = {id(n.module) for n in learner.neurons}
-        prefix = ".".join(filter(None, [next((n for n, m in model.named_modules() if m is parent), ""), name]))
-        added = [(".".join(filter(None, [prefix, sub_name])), m) for sub_name, m in submodule.named_modules()
-                 if id(m) not in known and _is_neuron(m)]
+        added = [(sub_name, m) for sub_name, m in submodule.named_modules() if id(m) not in known and _is_neuron(m)]
         if added:
-            raise neuron_change_error(model, learner, added, [])
+            prefix = ".".join(filter(None, [next((n for n, m in model.named_modules() if m is parent), ""), name]))
+            raise neuron_change_error(model, learner, [(".".join(filter(None, [prefix, n])), m) for n, m in added], [])
+        if parts is not None:
+            parts.update(submodule.modules())  # a neuron put into this new block later is found too
     return None
 
 
@@ -371,5 +373,9 @@ def _remember(model: nn.Module, learner: Any) -> None:
 
 
 def _forget(model: nn.Module) -> None:
+    global _REGISTRATION_HOOK
     with _LOCK:
         _WRAPPED.pop(model, None)
+        if not _WRAPPED and _REGISTRATION_HOOK is not None:  # nothing wrapped: torch's registrations run bare
+            _REGISTRATION_HOOK.remove()
+            _REGISTRATION_HOOK = None

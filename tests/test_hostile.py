@@ -993,3 +993,36 @@ def test_an_output_choice_that_is_no_index_is_refused_at_wrap(rule, bad):
     with pytest.raises(slr.WrapError, match="output must be an index"):
         slr.diagnose(model, *batch(), output=bad)
     assert slr.learner_of(model) is None
+
+
+def test_a_neuron_put_into_a_block_added_after_wrapping_is_refused_too():
+    model = make_model()
+    learner = slr.wrap(model, rule="sltt")
+    model.extra = nn.Sequential(layer.Linear(C, C))  # no neuron: the user's to add
+    with pytest.raises(slr.WrapError, match=r"module 'extra\.1' .*is a spiking neuron put into"):
+        model.extra.append(_lif())
+    learner.unwrap()
+
+
+def test_the_registration_watch_goes_once_nothing_is_wrapped():
+    """Nothing of snn-localrules runs at torch's module registrations while no model is wrapped (building
+    a 1000-layer model took 12x as long while a 1000-module model was wrapped, before the learner's own
+    set of modules was asked)."""
+    hooks = getattr(torch.nn.modules.module, "_global_module_registration_hooks", None)
+    if hooks is None:
+        pytest.skip("this torch keeps no global registration hooks")
+    ours = lambda: [h for h in hooks.values() if getattr(h, "__module__", "").startswith("snn_localrules")]  # noqa: E731
+    import gc
+
+    from snn_localrules.wrap import _wrapped_items
+
+    gc.collect()
+    for _, lingering in _wrapped_items():  # learners earlier tests left wrapped
+        lingering.unwrap()
+    first, second = make_model(), make_model()
+    a, b = slr.wrap(first, rule="sltt"), slr.wrap(second, rule="sltt")
+    assert len(ours()) == 1
+    a.unwrap()
+    assert len(ours()) == 1
+    b.unwrap()
+    assert not ours()
