@@ -938,7 +938,8 @@ def parse_args(argv=None):
     quick = args.quick
     for name in ("Ts", "batches", "methods"):  # "10 20", "10,20" and "10, 20" alike
         values = getattr(args, name)
-        setattr(args, name, [v for value in values for v in value.split(",") if v] if values else None)
+        setattr(args, name, [v.strip() for value in values for v in value.split(",") if v.strip()] or None
+                if values else None)
     try:
         args.Ts = [int(v) for v in args.Ts] if args.Ts else None
         args.batches = [int(v) for v in args.batches] if args.batches else None

@@ -689,8 +689,9 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=ALL_METHODS, help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.Ts = ",".join(args.Ts) if args.Ts else None  # "2,4 8" -> "2,4,8"
-    args.methods = ",".join(args.methods) if args.methods else None
+    for name in ("Ts", "methods"):  # "2,4 8", "2, 4, 8" -> "2,4,8"
+        values = [v.strip() for value in getattr(args, name) or () for v in value.split(",") if v.strip()]
+        setattr(args, name, ",".join(values) or None)
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     if args.batches is None:

@@ -353,8 +353,9 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=METHODS + CUDA_METHODS, help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.Ts = ",".join(args.Ts) if args.Ts else None  # "10,20" and "10 20" alike
-    args.methods = ",".join(args.methods) if args.methods else None
+    for name in ("Ts", "methods"):  # "10,20", "10 20" and "10, 20" alike
+        values = [v.strip() for value in getattr(args, name) or () for v in value.split(",") if v.strip()]
+        setattr(args, name, ",".join(values) or None)
     if args.batches is None:
         args.batches = 1 if args.quick else 3
     if args.methods and set(args.methods.split(",")) - set(METHODS + CUDA_METHODS):

@@ -228,7 +228,7 @@ def _step_loss(step_loss: StepLoss, out: torch.Tensor, y: torch.Tensor, t: int, 
     except (SLRError, torch.cuda.OutOfMemoryError):
         raise
     except (IndexError, RuntimeError, TypeError, ValueError) as error:
-        if first:
+        if first and step_loss.user:
             raise step_loss_error(step_loss, out, y, error) from error
         raise
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

@@ -168,19 +168,54 @@ def _wrapped_items() -> List[tuple]:
         return list(_WRAPPED.items())
 
 
+#: what a module put into a wrapped model is, and what would become of it: see :func:`unknown_modules`
+_ADDED = {
+    "neuron": ("a spiking neuron", "its state would keep its time route (BPTT's gradient, or a backward through a "
+                                   "freed graph)"),
+    "stateful": ("a layer that carries state from step to step", "its state would not be cut between the "
+                                                                   "learner's calls (a backward through a freed graph)"),
+    "whole": ("a layer that must get whole sequences", "it would get part of a sequence per call"),
+}
+
+
+def unknown_modules(learner: Any, tree: nn.Module) -> List[tuple]:
+    """``(name in tree, module, kind)`` for the modules of ``tree`` that ``learner`` would have to drive and does
+    not: neurons it did not find at wrap time; for a learner that cuts other layers' carried state between its
+    calls (online SLTT, TP: their ``_carried``), stateful layers it does not cut and layers that must get whole
+    sequences (the plugins' ``slr_carried_state`` and ``slr_whole_sequence_modules``)."""
+    known = {id(n.module) for n in learner.neurons}
+    found = [(name, m, "neuron") for name, m in tree.named_modules() if id(m) not in known and _is_neuron(m)]
+    carried = getattr(learner, "_carried", None)
+    if carried is None:
+        return found
+    names = {id(m): name for name, m in tree.named_modules()}
+    hook = plugin_manager().hook
+    cut = {id(holder.module) for holder in carried}
+    found += [(names.get(id(h.module), ""), h.module, "stateful")
+              for answer in hook.slr_carried_state(model=tree, neurons=learner.neurons) for h in (answer or ())
+              if id(h.module) not in cut and id(h.module) not in known]
+    found += [(names.get(id(m), ""), m, "whole")
+              for answer in hook.slr_whole_sequence_modules(model=tree, neurons=learner.neurons)
+              for m, _ in (answer or ())]
+    return found
+
+
 def neuron_change_error(model: nn.Module, learner: Any, added: List[tuple], removed: List[Any]) -> WrapError:
-    """The error for neurons added to (``(name, module)``) or taken from (adapters) a wrapped model."""
+    """The error for modules put into (``(name, module, kind)``, :func:`unknown_modules`) or neurons taken
+    from (adapters) a wrapped model."""
     if added:
-        name, module = added[0]
-        what = (f"module {name!r} ({type(module).__module__}.{type(module).__name__}) is a spiking neuron put into "
-                f"this {type(model).__name__} after it was wrapped: the {learner.name!r} learner does not know it, "
-                "so its state would keep its time route (BPTT's gradient, or a backward through a freed graph)")
+        name, module, kind = added[0]
+        what, fate = _ADDED[kind]
+        what = (f"module {name!r} ({type(module).__module__}.{type(module).__name__}) is {what} put into this "
+                f"{type(model).__name__} after it was wrapped: the {learner.name!r} learner does not know it, so "
+                f"{fate}")
     else:
         what = (f"{removed[0].describe()} was wrapped but is no longer in this {type(model).__name__} (removed or "
                 "replaced after wrapping)")
     return WrapError(
         f"{what}. Change a model's neurons while it is unwrapped: learner.unwrap(), change it, then wrap it again "
-        "(the learner's optimizer and options may be passed again as they were)."
+        "(the learner's optimizer and options may be passed again as they were). In a list put in at once "
+        "(Sequential.extend), the modules before that one are in."
     )
 
 
@@ -203,11 +238,16 @@ def _on_registration(parent: nn.Module, name: str, submodule: Optional[nn.Module
         parts = getattr(learner, "_structure", None)  # the model's modules, kept by the learner
         if not (parent in parts if parts is not None else any(m is parent for m in model.modules())):
             continue
-        known = {id(n.module) for n in learner.neurons}
-        added = [(sub_name, m) for sub_name, m in submodule.named_modules() if id(m) not in known and _is_neuron(m)]
+        added = unknown_modules(learner, submodule)
         if added:
-            prefix = ".".join(filter(None, [next((n for n, m in model.named_modules() if m is parent), ""), name]))
-            raise neuron_change_error(model, learner, [(".".join(filter(None, [prefix, n])), m) for n, m in added], [])
+            prefix = next((n for n, m in model.named_modules() if m is parent), None)
+            if prefix is None:  # a module taken out of the model since: no longer the learner's
+                if parts is not None:
+                    parts.discard(parent)
+                continue
+            prefix = ".".join(filter(None, [prefix, name]))
+            raise neuron_change_error(model, learner, [(".".join(filter(None, [prefix, n])), m, kind)
+                                                       for n, m, kind in added], [])
         if parts is not None:
             parts.update(submodule.modules())  # a neuron put into this new block later is found too
     return None

@@ -215,11 +215,12 @@ def test_list_options_take_commas_or_spaces_and_usage_names_the_command(dispatch
     (it said __main__.py)."""
     pytest.importorskip("spikingjelly")
     memory = dispatcher.load_script("memory")
-    for argv in (["--Ts", "4", "8"], ["--Ts", "4,8"]):
-        assert memory.parse_args(argv + ["--methods", "bptt", "sltt"]).Ts == "4,8"
+    for argv in (["--Ts", "4", "8"], ["--Ts", "4,8"], ["--Ts", "4,", "8"]):
+        assert memory.parse_args(argv + ["--methods", "bptt,", "sltt"]).Ts == "4,8"
+    assert memory.parse_args(["--methods", "bptt, sltt"]).methods == "bptt,sltt"
     gpu = dispatcher.load_script("gpu")
-    for argv in (["--Ts", "4", "8"], ["--Ts", "4,8"]):
-        args = gpu.parse_args(argv + ["--batches", "2,3", "--methods", "sj_bptt,sltt_c1", "--device", "cpu"])
+    for argv in (["--Ts", "4", "8"], ["--Ts", "4,8"], ["--Ts", "4, 8"]):
+        args = gpu.parse_args(argv + ["--batches", "2,3", "--methods", "sj_bptt, sltt_c1", "--device", "cpu"])
         assert (args.Ts, args.batches, args.methods) == ([4, 8], [2, 3], ["sj_bptt", "sltt_c1"])
     with pytest.raises(SystemExit):
         gpu.parse_args(["--methods", "nonsense", "--device", "cpu"])

@@ -1026,3 +1026,52 @@ def test_the_registration_watch_goes_once_nothing_is_wrapped():
     assert len(ours()) == 1
     b.unwrap()
     assert not ours()
+
+
+def test_a_stateful_or_whole_sequence_layer_put_into_an_online_learners_model_is_refused():
+    """A SynapseFilter inserted after wrap failed in torch's "backward through the graph a second time"
+    (online SLTT, TP); a temporal-effective batch norm set in after a TP wrap trained scale[0] alone. Both
+    are named, at the registration or at the next step; zero-change mode, which cuts neither, takes them."""
+    model, _, learner = make_learner("sltt", warm=False)
+    model.insert(4, layer.SynapseFilter(tau=2.0))
+    with pytest.raises(slr.WrapError, match=r"module '4' .*SynapseFilter\) is a layer that carries state from step "
+                                            r"to step put into"):
+        learner.step(*batch())
+    del model[4]
+    learner.step(*batch())
+    learner.unwrap()
+    if hasattr(layer, "TemporalEffectiveBatchNorm1d"):
+        model, _, learner = make_learner("tp", warm=False)
+        with pytest.raises(slr.WrapError, match=r"module '1' .*TemporalEffectiveBatchNorm1d\) is a layer that must "
+                                                r"get whole sequences"):
+            model[1] = layer.TemporalEffectiveBatchNorm1d(T, 16)
+        learner.unwrap()
+    model = make_model()
+    learner = slr.wrap(model, rule="sltt")
+    model.insert(4, layer.SynapseFilter(tau=2.0))  # zero-change: the model keeps its own routes
+    learner.unwrap()
+
+
+def test_a_module_taken_out_of_a_wrapped_model_is_the_users_again():
+    """The registration watch kept counting a replaced head as part of the model: appending a neuron to it
+    was refused, naming a place the module no longer had."""
+    model = nn.Sequential(layer.Linear(12, 16), _lif(), nn.Sequential(layer.Linear(16, C)))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    old_head = model[2]
+    model[2] = nn.Sequential(layer.Linear(16, C))
+    old_head.append(_lif())  # no longer the wrapped model's
+    with pytest.raises(slr.WrapError, match=r"module '2\.1' .*is a spiking neuron put into"):
+        model[2].append(_lif())  # the new head is
+    learner.step(*batch())
+    learner.unwrap()
+
+
+def test_a_named_loss_failing_on_the_models_output_passes_torchs_error_on():
+    """The first-call hint is for losses of one's own: loss='ce' on an output of the wrong shape is the
+    model's to fix, and torch says what it expected."""
+    model = nn.Sequential(make_model(), nn.Unflatten(-1, (C, 1)))  # [B, C, 1]
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss="ce")
+    with pytest.raises(RuntimeError) as caught:
+        learner.step(*batch())
+    assert not isinstance(caught.value, slr.LossError)
+    learner.unwrap()

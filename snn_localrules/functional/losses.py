@@ -30,11 +30,14 @@ class StepLoss:
     :param name: shown in reprs and errors.
     :param output_index: which element of a tuple model output the loss wants (``None``: no preference;
         snnTorch membrane losses want the membrane, the last element of ``(spk, [syn, ...] mem)``: -1).
+    :param user: the user's own callable (whose failure at its first call is likely a loss written for the
+        whole sequence: :func:`step_loss_error`), not a named or a framework's loss.
     """
 
     fn: StepLossFn
     name: str
     output_index: Optional[int] = None
+    user: bool = False
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.fn(output, target)
@@ -106,7 +109,7 @@ def resolve_step_loss(loss: Union[str, Callable, StepLoss], plugin_answer=None) 
                 "(StepLoss(fn, name), fn(o_t, y) -> scalar) or None."
             )
     if callable(loss):
-        return StepLoss(loss, getattr(loss, "__name__", type(loss).__name__))
+        return StepLoss(loss, getattr(loss, "__name__", type(loss).__name__), user=True)
     raise LossError(f"loss must be a name or a callable (o_t, y) -> scalar, got {type(loss).__name__}.")
 
 

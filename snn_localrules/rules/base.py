@@ -9,6 +9,7 @@ import inspect
 import math
 import numbers
 import os
+import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -19,7 +20,7 @@ from .. import distributed
 from ..adapter import NeuronAdapter
 from ..errors import LayoutError, NonFiniteLossError, OnlineLossWarning, UnsupportedModelError, WrapError
 from ..plugins import plugin_manager
-from ..wrap import ModuleHooks, _forget, _is_neuron, _remember, neuron_change_error
+from ..wrap import ModuleHooks, _forget, _remember, neuron_change_error, unknown_modules
 
 OutputChoice = Union[int, Callable[[Any], torch.Tensor], None]
 
@@ -47,25 +48,6 @@ class Rule:
         self._hooks = ModuleHooks()
         self._wrapped = False
         self._takes_sequences: Optional[bool] = None
-
-    @property
-    def optimizer(self) -> Optional[torch.optim.Optimizer]:
-        """The optimizer the learner steps (None in zero-change mode). Assigning another one (a new
-        optimizer for a fine-tuning phase) checks it as ``wrap`` does; it cannot switch zero-change
-        mode on or off (unwrap and wrap again for that)."""
-        return self.__dict__.get("_optimizer")
-
-    @optimizer.setter
-    def optimizer(self, value: Optional[torch.optim.Optimizer]) -> None:
-        if "_optimizer" in self.__dict__ and (value is None) != (self._optimizer is None):
-            raise WrapError(
-                "a learner's optimizer can be replaced by another, but not added or taken away: that would "
-                "switch between online and zero-change mode. Call learner.unwrap() and wrap the model again "
-                "with (or without) optimizer=."
-            )
-        if value is not None:
-            check_optimizer(value, self.model)
-        self.__dict__["_optimizer"] = value
 
     def _sequence_model(self) -> bool:
         """Whether the model is fed ``[c, B, ...]`` per call (a multi-step model) rather than one step
@@ -107,16 +89,17 @@ class Rule:
         self._wrapped = True
 
     def _check_structure(self) -> None:
-        """The model holds the neurons found at wrap time and no others. torch's registration hook refuses
-        a neuron set into a wrapped model (``wrap.py``); this finds the ways around it (``Sequential.insert``,
-        a module taken out), once per batch: such a neuron would keep its time route or not run at all."""
+        """The model holds the neurons found at wrap time and nothing else the learner would have to drive
+        (:func:`~snn_localrules.wrap.unknown_modules`: a neuron, and for online learners a stateful layer or
+        one that needs whole sequences). torch's registration hook refuses such a module set into a wrapped
+        model (``wrap.py``); this finds the ways around it (``Sequential.insert``, a neuron taken out), once
+        per batch: such a module would keep its time route, fail in a freed graph, or not run at all."""
         present = set(self.model.modules())
         if present == self._structure:
             return
-        ours = {n.module for n in self.neurons}
         removed = [n for n in self.neurons if n.module not in present]
-        names = {m: name for name, m in self.model.named_modules()}
-        added = [(names[m] or "<model>", m) for m in present - self._structure if m not in ours and _is_neuron(m)]
+        added = [(name or "<model>", m, kind) for name, m, kind in unknown_modules(self, self.model)
+                 if m not in self._structure]
         if added or removed:
             raise neuron_change_error(self.model, self, added, removed)
         self._structure = present  # a new head, a parametrization: nothing the rule drives
@@ -224,6 +207,30 @@ class Rule:
         listed = ", ".join(n.describe() for n in self.neurons[:4])
         more = f", ... ({len(self.neurons)} in all)" if len(self.neurons) > 4 else ""
         return f"{type(self).__name__}(neurons=[{listed}{more}], wrapped={self._wrapped})"
+
+
+class DrivesOptimizer:
+    """For a rule that steps the user's optimizer itself (SLTT, TP): ``learner.optimizer`` may be replaced
+    by another (checked as ``wrap`` checks it), not added or taken away. Mixed in before :class:`Rule`."""
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The optimizer the learner steps (None in zero-change mode). Assigning another one (a new
+        optimizer for a fine-tuning phase) checks it as ``wrap`` does; it cannot switch zero-change
+        mode on or off (unwrap and wrap again for that)."""
+        return self.__dict__.get("_optimizer")
+
+    @optimizer.setter
+    def optimizer(self, value: Optional[torch.optim.Optimizer]) -> None:
+        if "_optimizer" in self.__dict__ and (value is None) != (self._optimizer is None):
+            raise WrapError(
+                "a learner's optimizer can be replaced by another, but not added or taken away: that would "
+                "switch between online and zero-change mode. Call learner.unwrap() and wrap the model again "
+                "with (or without) optimizer=."
+            )
+        if value is not None:
+            check_optimizer(value, self.model)
+        self.__dict__["_optimizer"] = value
 
 
 def model_parameters_in(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
@@ -520,14 +527,14 @@ def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoi
     first = x_seq[:1]
     model.eval()
     outs = []
-    reduces = False
+    reduces, other_reduction = False, None
     try:
         for probe in (first, first.expand(2, *first.shape[1:])):
             reset()
             outs.append(choose_output(model(probe), choice))
         reduces = reduces_time(outs[0], outs[1], x_seq.shape[1])
         if reduces:
-            _warn_unless_mean_over_time(model, x_seq[:8], choice, reset)
+            other_reduction = _reduction_other_than_mean(model, x_seq[:8], choice, reset)
     except Exception:
         reduces = False  # a model that cannot take such a call: the real call says what is wrong
     finally:
@@ -535,39 +542,60 @@ def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoi
             module.training = training
         set_rng_states(rng, x_seq.device)
         reset()
+    if other_reduction is not None:  # outside the probe: a warnings filter set to "error" raises it to the user
+        warnings.warn(other_reduction, OnlineLossWarning, stacklevel=user_stacklevel())
     return reduces
 
 
-def _warn_unless_mean_over_time(model: nn.Module, x: torch.Tensor, choice: OutputChoice,
-                                reset: Callable[[], None]) -> None:
+def _reduction_other_than_mean(model: nn.Module, x: torch.Tensor, choice: OutputChoice,
+                               reset: Callable[[], None]) -> Optional[str]:
     """Online mode calls a model that reduces its output over time one step at a time and trains
     ``mean_t loss(o_t, y)``: the meaning of the user's loss when the reduction is a mean (documented). A max,
     a sum, the last step or a nonlinear head after the mean give another output over the sequence than the
-    mean of the one-step outputs: say so (once, from the first batch's first steps, in eval mode)."""
+    mean of the one-step outputs: the warning that says so, or None (from the first batch's first steps, in
+    eval mode; a model whose one-step outputs change from one run to the next, as with a Poisson encoder in
+    its forward, cannot be told apart and gets none)."""
     if len(x) < 2:
-        return
+        return None
+
+    def per_step() -> torch.Tensor:
+        reset()
+        return torch.stack([choose_output(model(x[t : t + 1]), choice) for t in range(len(x))])
+
     reset()
     whole = choose_output(model(x), choice)
-    reset()
-    steps = torch.stack([choose_output(model(x[t : t + 1]), choice) for t in range(len(x))])
+    steps = per_step()
+    if not whole.is_floating_point() or whole.shape != steps.shape[1:]:
+        return None
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return float((a - b).abs().max()) <= 1e-4 * max(1.0, float(b.abs().max()))
+
     mean = steps.mean(0)
-    if whole.shape != mean.shape or not whole.is_floating_point():
-        return
-    scale = max(1.0, float(mean.abs().max()))
-    gap = float((whole - mean).abs().max())
-    if gap <= 1e-4 * scale:
-        return
+    if close(whole, mean) or not close(per_step(), steps):  # a mean, or random draws in the forward
+        return None
     kinds = [name for name, value in (("a sum", steps.sum(0)), ("a max", steps.amax(0)), ("the last", steps[-1]))
-             if float((whole - value).abs().max()) <= 1e-4 * max(1.0, float(value.abs().max()))]
-    warnings.warn(
+             if close(whole, value)]
+    return (
         f"this model's forward reduces its output over time, but not by a mean (over the first {len(x)} steps "
-        f"of the first batch its output is {kinds[0] if kinds else 'not the mean'} of its one-step outputs; "
-        f"largest difference from their mean {gap:.3g}). Online SLTT calls such a model one step at a time and "
-        "trains the mean over steps of the loss of each step's output, mean_t loss(o_t, y), as SLTT does, not "
-        "your loss of the reduced output. For the SLTT gradient of the loss of the reduced output (a max-over-"
-        "time readout, say), use zero-change mode: slr.wrap(model, rule='sltt') and your own loop.",
-        OnlineLossWarning, stacklevel=4,
+        f"of the first batch its output is {' or '.join(kinds) if kinds else 'not the mean'} of its one-step outputs; "
+        f"largest difference from their mean {float((whole - mean).abs().max()):.3g}). Online SLTT calls such a "
+        "model one step at a time and trains the mean over steps of the loss of each step's output, mean_t "
+        "loss(o_t, y), as SLTT does, not your loss of the reduced output. For the SLTT gradient of the loss of "
+        "the reduced output (a max-over-time readout, say), use zero-change mode: slr.wrap(model, rule='sltt') "
+        "and your own loop."
     )
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised by the caller that points at the first frame outside this
+    package (the user's ``step()`` or ``predict()`` call, however deep the package's own calls go)."""
+    inside = tuple(os.path.dirname(os.path.abspath(path)) + os.sep  # (torch: its no_grad decorator's frames)
+                   for path in (os.path.dirname(os.path.abspath(__file__)), torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def reduces_time(one: torch.Tensor, two: torch.Tensor, batch: int) -> bool:

@@ -25,6 +25,7 @@ from ..memory import SavedBytes, memory_budget, storage_keys
 from ..plugins import plugin_manager
 from ..wrap import ModuleHooks
 from .base import (
+    DrivesOptimizer,
     NeuronCalls,
     OutputChoice,
     Rule,
@@ -224,7 +225,7 @@ def install_forward_scope(hooks: ModuleHooks, model: nn.Module, scopes: Sequence
     return True
 
 
-class SLTT(Rule):
+class SLTT(DrivesOptimizer, Rule):
     """Spatial Learning Through Time.
 
     Built by ``slr.wrap(model, rule="sltt", ...)``. Two modes:
@@ -467,7 +468,7 @@ class SLTT(Rule):
         install_temporal_cut(hooks, self.neurons, fused=self.fused, packer=packer, norms=norms,
                              recharge=self.recompute_membrane)
         if self.online:
-            install_carried_cut(hooks, self.model, self.neurons)
+            self._carried = install_carried_cut(hooks, self.model, self.neurons)
         self.packer = packer
 
     # -- online driver ---------------------------------------------------------------------------
@@ -696,13 +697,13 @@ class SLTT(Rule):
             raise
         except (IndexError, RuntimeError, TypeError, ValueError) as error:
             # the class range is only known from the output: checked on failure, no host sync otherwise
-            classes = out.shape[-1] if out.dim() else 0
+            classes = out.shape[1 if out.dim() > 1 else -1] if out.dim() else 0  # (cross-entropy's class dim)
             if isinstance(error, (IndexError, RuntimeError)) and y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
                 raise LossError(
                     f"labels must be class indices in [0, {classes}) (the model outputs {classes} values per "
                     f"sample); y holds [{int(y.min())}, {int(y.max())}]. Check the labels or the output layer."
                 ) from error
-            if not self._loss_worked:  # a loss written for the whole sequence fails at its first call
+            if self.step_loss.user and not self._loss_worked:  # one written for the sequence fails at once
                 raise step_loss_error(self.step_loss, out, y, error) from error
             raise
         self._loss_worked = True

@@ -32,6 +32,7 @@ from ..functional.traces import (
 )
 from ..wrap import ModuleHooks
 from .base import (
+    DrivesOptimizer,
     NeuronCalls,
     OutputChoice,
     Rule,
@@ -190,7 +191,7 @@ class _GlobalContrast:
     rows: slice  # this process's samples in the global batch
 
 
-class TP(Rule):
+class TP(DrivesOptimizer, Rule):
     """Traces Propagation. Built by ``slr.wrap(model, rule="tp", optimizer=opt, num_classes=C)``.
 
     :param optimizer: optimizer over the model's parameters; it steps at every time step (as the reference
