@@ -72,6 +72,18 @@ class SnnTorchNeuron(NeuronAdapter):
         buffers = dict(module._buffers)
         self.state_names = tuple(n for n in _state_names(type(module), buffers) if n in buffers)
 
+    def passes_no_gradient(self) -> Optional[str]:
+        # surrogate_disable=True (for export) makes the spike function snnTorch's Heaviside without gradient
+        bypass = getattr(type(self.module), "_surrogate_bypass", None)
+        grad = getattr(self.module, "spike_grad", None)
+        if bypass is None or not (grad is bypass or getattr(grad, "__func__", None) is bypass):
+            return None
+        return (
+            "it was built with surrogate_disable=True (for export), so it spikes through a Heaviside with no "
+            "surrogate gradient. Build it with surrogate_disable=False for training, or give it a surrogate "
+            "(neuron.spike_grad = snntorch.surrogate.atan())"
+        )
+
     def reset_state(self) -> None:
         reset = getattr(self.module, "reset_mem", None)
         if callable(reset):

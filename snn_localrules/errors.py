@@ -39,5 +39,6 @@ class BackendError(SLRError, RuntimeError):
 
 
 class OnlineLossWarning(UserWarning):
-    """Online training will optimise another loss than the user's code reads (a model that reduces its
-    output over time other than by a mean is trained on each step's output)."""
+    """Online training would not do what the user's code means: a model that reduces its output over time
+    other than by a mean is trained on each step's output; a forward that loops over time itself is called
+    once per step."""

@@ -1075,3 +1075,59 @@ def test_a_named_loss_failing_on_the_models_output_passes_torchs_error_on():
         learner.step(*batch())
     assert not isinstance(caught.value, slr.LossError)
     learner.unwrap()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_an_snntorch_neuron_built_for_export_without_a_surrogate_is_refused(rule):
+    """Leaky(surrogate_disable=True) spikes through a Heaviside without gradient: online SLTT and TP trained
+    the layers after it and left those before it as they were, without a word."""
+    snn = pytest.importorskip("snntorch")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), snn.Leaky(beta=0.5, init_hidden=True, surrogate_disable=True),
+                          nn.Linear(16, C), snn.Leaky(beta=0.5, init_hidden=True, output=True))
+    options = dict(num_classes=C) if rule == "tp" else {}
+    learner = slr.wrap(model, rule=rule, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **options)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(slr.WrapError, match=r"'1' \(snntorch\.Leaky\) passes no gradient .*surrogate_disable=True"):
+        learner.step(*batch())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    model[1].spike_grad = __import__("snntorch.surrogate", fromlist=["atan"]).atan()
+    learner.step(*batch())  # with a surrogate: trains
+    learner.unwrap()
+
+
+class _TutorialLoop(nn.Module):
+    """snnTorch tutorial shape with init_hidden=True: forward loops over a fixed num_steps on a static
+    input and returns the recordings (``count``: the spike count [B, C] instead)."""
+
+    def __init__(self, count):
+        super().__init__()
+        snn = pytest.importorskip("snntorch")
+        self.count = count
+        self.fc1, self.lif1 = nn.Linear(12, 16), snn.Leaky(beta=0.6, init_hidden=True)
+        self.fc2, self.lif2 = nn.Linear(16, C), snn.Leaky(beta=0.6, init_hidden=True, output=True)
+
+    def forward(self, x):
+        spikes = []
+        for _ in range(6):
+            spk, _ = self.lif2(self.fc2(self.lif1(self.fc1(x))))
+            spikes.append(spk)
+        return torch.stack(spikes).sum(0) if self.count else torch.stack(spikes)
+
+
+def test_a_forward_that_loops_over_a_fixed_number_of_steps_is_named():
+    """Fed x_seq, such a model failed with "add the time dimension" (it had one); returning a count, it ran
+    T x num_steps neuron steps per batch without a word. Both now say that forward loops over time itself."""
+    torch.manual_seed(0)
+    x, y = torch.rand(T, B, 12) * 3, torch.arange(B) % C
+    model = _TutorialLoop(count=False)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(slr.LayoutError, match="ran 6 times in each call fed one time step: its forward seems to "
+                                              r"loop over time itself.*zero-change mode"):
+        learner.step(x, y)
+    learner.unwrap()
+    model = _TutorialLoop(count=True)
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.warns(slr.OnlineLossWarning, match="ran 6 times in each call fed one time step"):
+        learner.step(x, y)
+    learner.unwrap()

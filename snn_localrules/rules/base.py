@@ -740,6 +740,25 @@ class NeuronCalls:
                   if self.calls.get(id(n.module), 0) > model_calls and id(n.module) in self.batchless]
         if looped:
             raise repeated_neurons_error(model, looped, rule, batchless=True)
+        runs = {self.calls.get(id(n.module), 0) for n in self.neurons}
+        distinct = len({id(n.module) for n in self.neurons})
+        if model_calls > 0 and len(runs) == 1:
+            (total,) = runs
+            # (one neuron instance used at two places of a model runs twice per step: not a time loop)
+            if total % model_calls == 0 and (total // model_calls >= 3 or (total > model_calls and distinct > 1)):
+                # every neuron ran k times per call fed one step: a forward with its own time loop over a
+                # fixed number of steps (the snnTorch tutorials' `for step in range(num_steps)`)
+                message = (
+                    f"every neuron of the model ran {total // model_calls} times in each call fed one time step: "
+                    "its forward seems to loop over time itself (for step in range(num_steps)). Online "
+                    f"{rule} calls the model once per step of x_seq and cuts the state at each call, so a batch "
+                    "runs T times that loop and memory is no longer flat in T. Let forward take one step "
+                    "[B, ...] and feed x_seq [T, B, ...] to step(), or keep your loop in zero-change mode "
+                    "(slr.wrap(model, rule='sltt'))."
+                )
+                if failed:
+                    raise LayoutError(message)
+                warnings.warn(message, OnlineLossWarning, stacklevel=user_stacklevel())
 
     def remove(self) -> None:
         for handle in self._handles:
