@@ -179,25 +179,34 @@ _ADDED = {
 
 
 def unknown_modules(learner: Any, tree: nn.Module) -> List[tuple]:
-    """``(name in tree, module, kind)`` for the modules of ``tree`` that ``learner`` would have to drive and does
-    not: neurons it did not find at wrap time; for a learner that cuts other layers' carried state between its
-    calls (online SLTT, TP: their ``_carried``), stateful layers it does not cut and layers that must get whole
-    sequences (the plugins' ``slr_carried_state`` and ``slr_whole_sequence_modules``)."""
+    """``(name in tree, module, kind)`` for the modules of ``tree`` that ``learner`` would have to drive and
+    cannot: neurons it did not find at wrap time; for a learner that cuts other layers' carried state between
+    its calls (online SLTT, TP: their ``_carried``), layers that must get whole sequences (the plugins'
+    ``slr_whole_sequence_modules``) it did not see at wrap time, and stateful layers it cannot take on
+    (:func:`new_carried`; a learner with ``_adopt_carried`` cuts their state as it cuts the others')."""
     known = {id(n.module) for n in learner.neurons}
     found = [(name, m, "neuron") for name, m in tree.named_modules() if id(m) not in known and _is_neuron(m)]
-    carried = getattr(learner, "_carried", None)
-    if carried is None:
+    if getattr(learner, "_carried", None) is None:
         return found
     names = {id(m): name for name, m in tree.named_modules()}
-    hook = plugin_manager().hook
-    cut = {id(holder.module) for holder in carried}
-    found += [(names.get(id(h.module), ""), h.module, "stateful")
-              for answer in hook.slr_carried_state(model=tree, neurons=learner.neurons) for h in (answer or ())
-              if id(h.module) not in cut and id(h.module) not in known]
+    if not callable(getattr(learner, "_adopt_carried", None)):
+        found += [(names.get(id(h.module), ""), h.module, "stateful") for h in new_carried(learner, tree)]
+    seen = getattr(learner, "_structure", set())
     found += [(names.get(id(m), ""), m, "whole")
-              for answer in hook.slr_whole_sequence_modules(model=tree, neurons=learner.neurons)
-              for m, _ in (answer or ())]
+              for answer in plugin_manager().hook.slr_whole_sequence_modules(model=tree, neurons=learner.neurons)
+              for m, _ in (answer or ()) if m not in seen]
     return found
+
+
+def new_carried(learner: Any, tree: nn.Module) -> List[Any]:
+    """The plugins' holders of state carried between steps (``slr_carried_state``) in ``tree`` whose state
+    an online learner does not cut yet (layers put into the model after it was wrapped)."""
+    carried = getattr(learner, "_carried", None)
+    if carried is None:
+        return []
+    skip = {id(holder.module) for holder in carried} | {id(n.module) for n in learner.neurons}
+    return [h for answer in plugin_manager().hook.slr_carried_state(model=tree, neurons=learner.neurons)
+            for h in (answer or ()) if id(h.module) not in skip]
 
 
 def neuron_change_error(model: nn.Module, learner: Any, added: List[tuple], removed: List[Any]) -> WrapError:
@@ -248,6 +257,9 @@ def _on_registration(parent: nn.Module, name: str, submodule: Optional[nn.Module
             prefix = ".".join(filter(None, [prefix, name]))
             raise neuron_change_error(model, learner, [(".".join(filter(None, [prefix, n])), m, kind)
                                                        for n, m, kind in added], [])
+        holders = new_carried(learner, submodule)
+        if holders:  # a SynapseFilter, a dropout mask: its state is cut at each call, as the others'
+            learner._adopt_carried(holders)
         if parts is not None:
             parts.update(submodule.modules())  # a neuron put into this new block later is found too
     return None

@@ -1028,18 +1028,10 @@ def test_the_registration_watch_goes_once_nothing_is_wrapped():
     assert not ours()
 
 
-def test_a_stateful_or_whole_sequence_layer_put_into_an_online_learners_model_is_refused():
-    """A SynapseFilter inserted after wrap failed in torch's "backward through the graph a second time"
-    (online SLTT, TP); a temporal-effective batch norm set in after a TP wrap trained scale[0] alone. Both
-    are named, at the registration or at the next step; zero-change mode, which cuts neither, takes them."""
-    model, _, learner = make_learner("sltt", warm=False)
-    model.insert(4, layer.SynapseFilter(tau=2.0))
-    with pytest.raises(slr.WrapError, match=r"module '4' .*SynapseFilter\) is a layer that carries state from step "
-                                            r"to step put into"):
-        learner.step(*batch())
-    del model[4]
-    learner.step(*batch())
-    learner.unwrap()
+def test_a_whole_sequence_layer_put_into_an_online_learners_model_is_refused():
+    """A temporal-effective batch norm set in after a TP wrap trained scale[0] alone: named at the
+    registration; zero-change mode, which calls the model on whole sequences, takes it (and a synapse
+    filter: it cuts no carried state)."""
     if hasattr(layer, "TemporalEffectiveBatchNorm1d"):
         model, _, learner = make_learner("tp", warm=False)
         with pytest.raises(slr.WrapError, match=r"module '1' .*TemporalEffectiveBatchNorm1d\) is a layer that must "
@@ -1130,4 +1122,71 @@ def test_a_forward_that_loops_over_a_fixed_number_of_steps_is_named():
     learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.warns(slr.OnlineLossWarning, match="ran 6 times in each call fed one time step"):
         learner.step(x, y)
+    learner.unwrap()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_stateful_layer_put_into_an_online_learners_model_is_taken_on(rule):
+    """A dropout (its mask is state SpikingJelly keeps) or a synapse filter put in after wrapping has its
+    state cut at each call, as one there at wrap time: the same update as a model wrapped with it (the
+    first version of the registration watch refused both)."""
+    def build(late):
+        torch.manual_seed(0)
+        model = make_model()
+        if not late:
+            model.insert(4, layer.SynapseFilter(tau=2.0))
+            model.append(layer.Dropout(0.2))
+        return model
+
+    x, y = batch()
+    updates = []
+    for late in (False, True):
+        model = build(late)
+        learner = slr.wrap(model, rule=rule, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                           **(dict(num_classes=C) if rule == "tp" else {}))
+        if late:
+            model.insert(4, layer.SynapseFilter(tau=2.0))  # past the registration hook: found at the step
+            model.append(layer.Dropout(0.2))  # through it
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.manual_seed(1)
+        learner.step(x, y)
+        updates.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+        learner.unwrap()
+        assert not any(m._forward_pre_hooks for m in model.modules())
+    for a, b in zip(*updates):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_whole_sequence_layer_the_learner_took_may_be_set_again():
+    if not hasattr(layer, "TemporalEffectiveBatchNorm1d"):
+        pytest.skip("this SpikingJelly has no temporal-effective batch norm")
+    torch.manual_seed(0)
+    model = nn.Sequential(layer.Linear(12, 16, step_mode="m"), layer.TemporalEffectiveBatchNorm1d(T, 16),
+                          neuron.LIFNode(step_mode="m"), layer.Linear(16, C, step_mode="m"))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), chunk=T)
+    model[1] = model[1]
+    model[1] = nn.Sequential(model[1])
+    learner.step(*batch())
+    learner.unwrap()
+
+
+def test_a_neuron_used_at_three_places_is_not_taken_for_a_time_loop():
+    import warnings
+
+    lif = neuron.IFNode(v_threshold=0.3)
+    model = nn.Sequential(layer.Linear(12, 16), lif, layer.Linear(16, 16), lif, layer.Linear(16, 16), lif,
+                          layer.Linear(16, C))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", slr.OnlineLossWarning)
+        learner.step(*batch())
+    learner.unwrap()
+
+
+def test_a_stray_dimension_in_the_output_is_not_blamed_on_the_labels():
+    model = nn.Sequential(make_model(), nn.Unflatten(-1, (1, C)))  # [B, 1, C]
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss="ce")
+    with pytest.raises(RuntimeError, match="Expected target size") as caught:
+        learner.step(*batch())
+    assert not isinstance(caught.value, slr.LossError)
     learner.unwrap()

@@ -623,3 +623,30 @@ def test_a_mean_over_time_with_random_draws_in_the_forward_gets_no_reduction_war
         learner.step(torch.rand(6, 4, 12) * 2, torch.randint(0, 5, (4,)))
     assert not [w for w in caught if issubclass(w.category, slr.OnlineLossWarning)]
     learner.unwrap()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_mean_over_time_in_half_precision_gets_no_reduction_warning(dtype):
+    """A mean-reducing model in bfloat16/float16 sums in another order per call: 1e-4 of the scale was
+    below its rounding, and 10 seeds of 10 were told to use zero-change mode."""
+    import warnings
+
+    class MeanThenHead(nn.Module):  # Spikformer's shape: the rate over time, then a linear head
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = _Rate(True, "mean"), nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = MeanThenHead().to(dtype)
+        with torch.no_grad():
+            model.body.body[0].weight.mul_(3.0)
+            model.body.body[2].weight.mul_(4.0)
+        learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", slr.OnlineLossWarning)
+            learner.predict((torch.rand(6, 4, 12) * 2).to(dtype))
+        learner.unwrap()

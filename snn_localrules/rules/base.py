@@ -20,7 +20,7 @@ from .. import distributed
 from ..adapter import NeuronAdapter
 from ..errors import LayoutError, NonFiniteLossError, OnlineLossWarning, UnsupportedModelError, WrapError
 from ..plugins import plugin_manager
-from ..wrap import ModuleHooks, _forget, _remember, neuron_change_error, unknown_modules
+from ..wrap import ModuleHooks, _forget, _remember, neuron_change_error, new_carried, unknown_modules
 
 OutputChoice = Union[int, Callable[[Any], torch.Tensor], None]
 
@@ -102,7 +102,10 @@ class Rule:
                  if m not in self._structure]
         if added or removed:
             raise neuron_change_error(self.model, self, added, removed)
-        self._structure = present  # a new head, a parametrization: nothing the rule drives
+        holders = new_carried(self, self.model)
+        if holders:
+            self._adopt_carried(holders)
+        self._structure = present  # a new head, a parametrization, a stateful layer taken on
 
     def _remove(self) -> None:
         self._hooks.remove()
@@ -568,8 +571,12 @@ def _reduction_other_than_mean(model: nn.Module, x: torch.Tensor, choice: Output
     if not whole.is_floating_point() or whole.shape != steps.shape[1:]:
         return None
 
+    # float32: 1e-4 of the outputs' scale; bfloat16/float16 outputs (a half-precision model, the user's own
+    # autocast) sum in another order per call: a few of their epsilons
+    tolerance = max(1e-4, 16 * torch.finfo(whole.dtype).eps)
+
     def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return float((a - b).abs().max()) <= 1e-4 * max(1.0, float(b.abs().max()))
+        return float((a - b).abs().max()) <= tolerance * max(1.0, float(b.abs().max()))
 
     mean = steps.mean(0)
     if close(whole, mean) or not close(per_step(), steps):  # a mean, or random draws in the forward
@@ -741,11 +748,11 @@ class NeuronCalls:
         if looped:
             raise repeated_neurons_error(model, looped, rule, batchless=True)
         runs = {self.calls.get(id(n.module), 0) for n in self.neurons}
-        distinct = len({id(n.module) for n in self.neurons})
         if model_calls > 0 and len(runs) == 1:
             (total,) = runs
-            # (one neuron instance used at two places of a model runs twice per step: not a time loop)
-            if total % model_calls == 0 and (total // model_calls >= 3 or (total > model_calls and distinct > 1)):
+            # a neuron instance or a block used at two or three places of a model also runs that often per
+            # step: a time loop is told from such reuse by four runs or more, or by the failed call
+            if total % model_calls == 0 and total // model_calls >= (2 if failed else 4):
                 # every neuron ran k times per call fed one step: a forward with its own time loop over a
                 # fixed number of steps (the snnTorch tutorials' `for step in range(num_steps)`)
                 message = (

@@ -190,6 +190,14 @@ def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[
     return holders
 
 
+def adopt_carried(hooks: ModuleHooks, carried: List[Any], holders: Sequence[Any]) -> None:
+    """Cut the state of ``holders`` (stateful layers put into the model after it was wrapped) before each
+    call, as :func:`install_carried_cut` does for those found at wrap time, and count them in ``carried``."""
+    for holder in holders:
+        hooks.pre_hook(holder.module, _cut_carried_pre_hook(holder))
+        carried.append(holder)
+
+
 def _cut_carried_pre_hook(holder: Any) -> Callable:
     def hook(module: nn.Module, args: tuple) -> None:
         own = holder.for_module(module) if hasattr(holder, "for_module") else holder  # a deep copy's own
@@ -612,6 +620,16 @@ class SLTT(DrivesOptimizer, Rule):
             self._calls_checked = True
         return outs
 
+    def _adopt_carried(self, holders: Sequence[Any]) -> None:
+        """A stateful layer put into the model after wrapping: its state is cut at each call too."""
+        if self.graphs is not None:
+            raise WrapError(
+                f"{type(holders[0].module).__name__} carries state from step to step and was put into the model "
+                "after it was wrapped with cuda_graphs=True, whose graphs copy a fixed set of state: unwrap, "
+                "change the model, and wrap it again."
+            )
+        adopt_carried(self._hooks, self._carried, holders)
+
     def _graphs_for(self, x_seq: torch.Tensor, no_sync: Any) -> None:
         """Turn the CUDA graphs off, saying why once, for batches they cannot serve (``no_sync``: the
         model's, if it has one)."""
@@ -697,8 +715,10 @@ class SLTT(DrivesOptimizer, Rule):
             raise
         except (IndexError, RuntimeError, TypeError, ValueError) as error:
             # the class range is only known from the output: checked on failure, no host sync otherwise
-            classes = out.shape[1 if out.dim() > 1 else -1] if out.dim() else 0  # (cross-entropy's class dim)
-            if isinstance(error, (IndexError, RuntimeError)) and y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+            # (a per-step output [B, C]; of another shape the loss's own error says more than a label check)
+            classes = out.shape[-1] if out.dim() in (1, 2) else None
+            if isinstance(error, (IndexError, RuntimeError)) and classes is not None and y.numel() \
+                    and (int(y.min()) < 0 or int(y.max()) >= classes):
                 raise LossError(
                     f"labels must be class indices in [0, {classes}) (the model outputs {classes} values per "
                     f"sample); y holds [{int(y.min())}, {int(y.max())}]. Check the labels or the output layer."

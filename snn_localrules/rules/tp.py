@@ -53,7 +53,7 @@ from .base import (
     whole_sequence_error,
     whole_sequence_modules,
 )
-from .sltt import install_carried_cut, install_temporal_cut
+from .sltt import adopt_carried, install_carried_cut, install_temporal_cut
 
 LABEL_BATCH_MODES = ("concat", "separate")
 
@@ -365,6 +365,11 @@ class TP(DrivesOptimizer, Rule):
         self._passed_by_container = self._outer_containers()
         for index, container in self._passed_by_container.items():
             hooks.forward_hook(self.neurons[container].module, _container_hook(container, index))
+
+    def _adopt_carried(self, holders: Sequence[Any]) -> None:
+        """A stateful layer put into the model after wrapping: its state is cut at each call, and swapped
+        between the label paths, as the others'."""
+        adopt_carried(self._hooks, self._carried, holders)
 
     def _outer_containers(self) -> Dict[int, int]:
         """``{neuron: container}`` for each neuron layer inside modules that carry state but are no layer of
