@@ -621,13 +621,11 @@ class SLTT(DrivesOptimizer, Rule):
         return outs
 
     def _adopt_carried(self, holders: Sequence[Any]) -> None:
-        """A stateful layer put into the model after wrapping: its state is cut at each call too."""
+        """A stateful layer put into the model after wrapping: its state is cut at each call too (CUDA graphs,
+        which copy the state they were built with, turn off, saying why)."""
         if self.graphs is not None:
-            raise WrapError(
-                f"{type(holders[0].module).__name__} carries state from step to step and was put into the model "
-                "after it was wrapped with cuda_graphs=True, whose graphs copy a fixed set of state: unwrap, "
-                "change the model, and wrap it again."
-            )
+            self.graphs.turn_off(f"a layer that carries state ({type(holders[0].module).__name__}) was put into "
+                                 "the model after wrapping")
         adopt_carried(self._hooks, self._carried, holders)
 
     def _graphs_for(self, x_seq: torch.Tensor, no_sync: Any) -> None:
