@@ -205,8 +205,21 @@ def new_carried(learner: Any, tree: nn.Module) -> List[Any]:
     if carried is None:
         return []
     skip = {id(holder.module) for holder in carried} | {id(n.module) for n in learner.neurons}
-    return [h for answer in plugin_manager().hook.slr_carried_state(model=tree, neurons=learner.neurons)
-            for h in (answer or ()) if id(h.module) not in skip]
+    found = [h for answer in plugin_manager().hook.slr_carried_state(model=tree, neurons=learner.neurons)
+             for h in (answer or ())]
+    for holder in found:
+        check_carried_holder(holder)
+    return [h for h in found if id(h.module) not in skip]
+
+
+def check_carried_holder(holder: Any) -> None:
+    """A plugin's ``slr_carried_state`` answer must name the module that keeps the state."""
+    if not isinstance(getattr(holder, "module", None), nn.Module):
+        raise PluginError(
+            f"a plugin's slr_carried_state answered a {type(holder).__name__} without a 'module' attribute "
+            "naming the nn.Module that keeps the state; the learner cuts the state before each call of "
+            "that module. Give each answer a .module (a NeuronAdapter for the module has one)."
+        )
 
 
 def neuron_change_error(model: nn.Module, learner: Any, added: List[tuple], removed: List[Any]) -> WrapError:
@@ -248,16 +261,17 @@ def _on_registration(parent: nn.Module, name: str, submodule: Optional[nn.Module
         if not (parent in parts if parts is not None else any(m is parent for m in model.modules())):
             continue
         added = unknown_modules(learner, submodule)
-        if added:
+        holders = new_carried(learner, submodule)
+        if added or holders:
             prefix = next((n for n, m in model.named_modules() if m is parent), None)
             if prefix is None:  # a module taken out of the model since: no longer the learner's
                 if parts is not None:
                     parts.discard(parent)
                 continue
+        if added:
             prefix = ".".join(filter(None, [prefix, name]))
             raise neuron_change_error(model, learner, [(".".join(filter(None, [prefix, n])), m, kind)
                                                        for n, m, kind in added], [])
-        holders = new_carried(learner, submodule)
         if holders:  # a SynapseFilter, a dropout mask: its state is cut at each call, as the others'
             learner._adopt_carried(holders)
         if parts is not None:

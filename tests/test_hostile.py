@@ -1190,3 +1190,16 @@ def test_a_stray_dimension_in_the_output_is_not_blamed_on_the_labels():
         learner.step(*batch())
     assert not isinstance(caught.value, slr.LossError)
     learner.unwrap()
+
+
+def test_a_stateful_layer_put_into_a_block_taken_out_of_the_model_is_left_alone():
+    """The registration watch took a synapse filter put into a block already taken out of the wrapped model
+    for the model's, and cut its state: plain BPTT through that block elsewhere lost its time route."""
+    model = nn.Sequential(layer.Linear(12, 16), nn.Sequential(nn.Identity()), _lif(), layer.Linear(16, C))
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    block = model[1]
+    model[1] = nn.Identity()
+    block.append(layer.SynapseFilter(tau=4.0))
+    assert not block[1]._forward_pre_hooks and not learner._carried
+    learner.step(*batch())
+    learner.unwrap()

@@ -574,3 +574,26 @@ def test_a_rule_subclass_registered_under_its_own_name_is_that_rule(tmp_path):
         learner.unwrap()
     finally:
         slr.unregister_plugin(name=name)
+
+
+def test_a_bad_carried_state_answer_for_a_module_put_in_after_wrapping_is_a_plugin_error():
+    """A holder without .module, answered for a layer put into a wrapped model, failed on the user's own line
+    in a bare AttributeError (at wrap time the same answer is a PluginError)."""
+    class Accumulator(nn.Module):
+        def forward(self, x):
+            return x
+
+    class CarriedWithoutModule(ThirdPartyPlugin):
+        @slr.hookimpl
+        def slr_carried_state(self, model, neurons):
+            return [object()] if any(isinstance(m, Accumulator) for m in model.modules()) else []
+
+    name = slr.register_plugin(CarriedWithoutModule(), name="late-mistake-test")
+    try:
+        net = _net()
+        learner = slr.wrap(net, rule="sltt", optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        with pytest.raises(slr.PluginError, match="slr_carried_state answered a object without a 'module'"):
+            net.append(Accumulator())
+        learner.unwrap()
+    finally:
+        slr.unregister_plugin(name=name)

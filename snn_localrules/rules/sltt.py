@@ -17,13 +17,13 @@ import torch.nn as nn
 
 from .. import graphs
 from ..adapter import NeuronAdapter
-from ..errors import LayoutError, LossError, NonFiniteLossError, PluginError, SLRError, UnsupportedModelError, WrapError
+from ..errors import LayoutError, LossError, NonFiniteLossError, SLRError, UnsupportedModelError, WrapError
 from ..functional.losses import StepLoss, resolve_step_loss, step_loss_error
 from ..functional.norm_recompute import NormSources, channel_dim, rebuild_input_from
 from ..functional.spike_pack import SpikePacker, others_on_top, pooled_window
 from ..memory import SavedBytes, memory_budget, storage_keys
 from ..plugins import plugin_manager
-from ..wrap import ModuleHooks
+from ..wrap import ModuleHooks, check_carried_holder
 from .base import (
     DrivesOptimizer,
     NeuronCalls,
@@ -179,14 +179,8 @@ def install_carried_cut(hooks: ModuleHooks, model: nn.Module, neurons: Sequence[
     found = plugin_manager().hook.slr_carried_state(model=model, neurons=neurons)
     holders = [h for answer in found for h in (answer or ())]
     for holder in holders:
-        module = getattr(holder, "module", None)
-        if not isinstance(module, nn.Module):
-            raise PluginError(
-                f"a plugin's slr_carried_state answered a {type(holder).__name__} without a 'module' attribute "
-                "naming the nn.Module that keeps the state; the learner cuts the state before each call of "
-                "that module. Give each answer a .module (a NeuronAdapter for the module has one)."
-            )
-        hooks.pre_hook(module, _cut_carried_pre_hook(holder))
+        check_carried_holder(holder)
+        hooks.pre_hook(holder.module, _cut_carried_pre_hook(holder))
     return holders
 
 
