@@ -49,8 +49,10 @@ class ModuleHooks:
     def pre_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
         self._keep(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
 
-    def forward_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
-        self._keep(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+    def forward_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> Any:
+        handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+        self._keep(handle)
+        return handle
 
     def _keep(self, handle: Any) -> None:
         self._handles.append(handle)

@@ -778,3 +778,66 @@ def test_tp_allocates_nothing_the_size_of_the_whole_input():
         learner.step(x, y)
     assert 0 < LargestNew.largest < x[0].numel() * 4, (LargestNew.largest, x.numel())
     learner.unwrap()
+
+
+def test_a_users_hook_on_a_neuron_acts_the_same_added_before_or_after_wrapping():
+    """TP's output hook ran before a hook added after wrap, so a hook that scales a neuron's spikes scaled
+    what TP passed on, not what its trace is made of (first layer's update 1.99 vs 0.89 summed)."""
+    x, y = torch.rand(4, 6, 12, dtype=torch.float64) * 3, torch.arange(6) % 4
+    updates = []
+    for after in (False, True):
+        model = _mlp(hidden=(16, 16), seed=0, step_mode="s").double()
+        with torch.no_grad():  # the second hidden layer fires too
+            model[2].weight.mul_(4.0)
+        scale = lambda module, args, output: output * 0.5  # noqa: E731
+        if not after:
+            model[1].register_forward_hook(scale)
+        learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.5), num_classes=4,
+                           seed=0)
+        if after:
+            model[1].register_forward_hook(scale)
+        before = [p.detach().clone() for p in model.parameters()]
+        learner.step(x, y)
+        updates.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+        learner.unwrap()
+    assert float(updates[0][0].abs().sum()) > 0
+    for a, b in zip(*updates):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+class _Counter(nn.Module):
+    """Counts its calls in a buffer in train and eval mode alike, as a QAT observer keeps its min/max."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_the_first_batchs_probe_forwards_leave_every_buffer_as_it_was():
+    """TP's layer-order forward (eval mode) and online SLTT's time-layout probe spent what counts in eval
+    mode too (QAT fake-quant observers: min/max 1.3 off a model wrapped after prepare_qat)."""
+    x, y = torch.rand(4, 6, 12) * 3, torch.arange(6) % 4
+    model = _mlp(hidden=(16, 16), seed=0, step_mode="s")
+    model.insert(0, _Counter())
+    learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4)
+    learner.step(x, y)
+    assert int(model[0].calls) == 4  # one call per step (data and label paths as one batch)
+    learner.unwrap()
+
+    class Rate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.count, self.body = _Counter(), _mlp(hidden=(16,), seed=0, step_mode="m")
+
+        def forward(self, x):
+            return self.body(self.count(x)).mean(0)
+
+    model = Rate()
+    learner = slr.wrap(model, rule="sltt", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    learner.step(x, y)
+    assert int(model.count.calls) == 4  # a reducing model: one call per step, the probe's calls undone
+    learner.unwrap()

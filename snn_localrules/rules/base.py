@@ -527,6 +527,7 @@ def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoi
     model that reduces over time only in eval mode is taken for one that always does."""
     modes = [(m, m.training) for m in model.modules()]
     rng = rng_states(x_seq.device)
+    buffers = buffer_copies(model)  # what counts in eval mode too (a QAT observer's min/max)
     first = x_seq[:1]
     model.eval()
     outs = []
@@ -544,6 +545,7 @@ def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoi
         for module, training in modes:
             module.training = training
         set_rng_states(rng, x_seq.device)
+        restore_buffers(buffers)
         reset()
     if other_reduction is not None:  # outside the probe: a warnings filter set to "error" raises it to the user
         warnings.warn(other_reduction, OnlineLossWarning, stacklevel=user_stacklevel())

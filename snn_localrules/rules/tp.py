@@ -39,6 +39,7 @@ from .base import (
     autocast_context,
     autocast_off,
     backward,
+    buffer_copies,
     check_optimizer,
     check_clip_grad_norm,
     check_common_options,
@@ -49,6 +50,7 @@ from .base import (
     guarded_step,
     optimizer_step,
     repeated_neurons_error,
+    restore_buffers,
     run_in_time,
     whole_sequence_error,
     whole_sequence_modules,
@@ -359,12 +361,25 @@ class TP(DrivesOptimizer, Rule):
     def install(self, hooks: ModuleHooks) -> None:
         install_temporal_cut(hooks, self.neurons)
         self._carried = install_carried_cut(hooks, self.model, self.neurons)
+        #: (module, hook id) of TP's output hooks: kept after the user's own hooks on those modules
+        self._output_hooks = []
         for index, neuron in enumerate(self.neurons):
             if neuron.is_layer:
-                hooks.forward_hook(neuron.module, _output_hook(index))
+                handle = hooks.forward_hook(neuron.module, _output_hook(index))
+                self._output_hooks.append((neuron.module, handle.id))
         self._passed_by_container = self._outer_containers()
         for index, container in self._passed_by_container.items():
-            hooks.forward_hook(self.neurons[container].module, _container_hook(container, index))
+            module = self.neurons[container].module
+            self._output_hooks.append((module, hooks.forward_hook(module, _container_hook(container, index)).id))
+
+    def _output_hooks_last(self) -> None:
+        """Run TP's output hooks after the user's own forward hooks on the same modules, those added after
+        wrapping too: a hook that scales a neuron's spikes then changes what the trace is made of, as when
+        it was there before wrapping (TP's hook, which passes detached spikes or the trace on, ran first)."""
+        for module, hook_id in self._output_hooks:
+            hooks = module._forward_hooks
+            if hook_id in hooks and hasattr(hooks, "move_to_end") and next(reversed(hooks)) != hook_id:
+                hooks.move_to_end(hook_id)
 
     def _adopt_carried(self, holders: Sequence[Any]) -> None:
         """A stateful layer put into the model after wrapping: its state is cut at each call, and swapped
@@ -460,6 +475,7 @@ class TP(DrivesOptimizer, Rule):
                 "learns). Mix classes in every batch (a shuffled loader), or freeze the hidden layers.",
                 RuntimeWarning, stacklevel=3,
             )
+        self._output_hooks_last()
         with _driving(self):
             return self._step(x_seq, y, T, B, sequence_model, group, contrast)
 
@@ -592,6 +608,7 @@ class TP(DrivesOptimizer, Rule):
         """Record the order in which the neurons run (the layer order, whatever the model's code looks
         like) with one forward in eval mode, so that no BN statistic or dropout draw is spent on it."""
         modes = [(m, m.training) for m in self.model.modules()]
+        buffers = buffer_copies(self.model)  # what counts in eval mode too (a QAT observer's min/max)
         self.model.eval()
         self._seen = []
         # the modules with weights of their own (frozen ones too: a frozen readout is still the readout),
@@ -635,6 +652,7 @@ class TP(DrivesOptimizer, Rule):
                 handle.remove()
             for module, training in modes:
                 module.training = training
+            restore_buffers(buffers)
             self.reset_state()
         if calls is not None:  # TP keeps a trace per sample: a neuron handed [1, B, ...] has no sample rows
             calls.check(self.model, 1, self.name, sequences=True, failed=True)
@@ -693,6 +711,7 @@ class TP(DrivesOptimizer, Rule):
         self._check_structure()
         check_sequence_batch(x_seq)
         sequence_model = self._sequence_model()
+        self._output_hooks_last()
         with _driving(self):
             if self._order is None:
                 self._learn_layer_order(x_seq[0], sequence_model)
