@@ -841,3 +841,37 @@ def test_the_first_batchs_probe_forwards_leave_every_buffer_as_it_was():
     learner.step(x, y)
     assert int(model.count.calls) == 4  # a reducing model: one call per step, the probe's calls undone
     learner.unwrap()
+
+
+class _RunningMax(nn.Module):
+    """Keeps the largest input per feature in a buffer that starts empty and is resized in place at the
+    first call, as torch's QAT observers keep their min/max."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("largest", torch.empty(0))
+
+    def forward(self, x):
+        with torch.no_grad():
+            if self.largest.numel() == 0:
+                self.largest.resize_(x.shape[-1]).fill_(-math.inf)
+            torch.maximum(self.largest, x.detach().amax(0), out=self.largest)
+        return x
+
+
+def test_a_buffer_resized_in_place_by_the_first_forward_is_put_back_as_it_was():
+    """Putting buffers back after the layer-order forward failed on one the forward had resized in place
+    (an observer's first min/max: "size of tensor a (12) must match the size of tensor b (0)")."""
+    x, y = torch.rand(4, 6, 12) * 3, torch.arange(6) % 4
+    seen = []
+    for sized in (False, True):
+        model = _mlp(hidden=(16, 16), seed=0, step_mode="s")
+        model.insert(0, _RunningMax())
+        if sized:  # already sized: nothing to resize
+            model[0].largest = torch.full((12,), -math.inf)
+        learner = slr.wrap(model, rule="tp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=4,
+                           seed=0)
+        learner.step(x, y)
+        seen.append(model[0].largest.clone())
+        learner.unwrap()
+    assert torch.equal(seen[0], seen[1]) and bool(torch.isfinite(seen[0]).all())

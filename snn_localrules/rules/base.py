@@ -515,6 +515,8 @@ def restore_buffers(copies: BufferCopies) -> None:
     with torch.no_grad():
         for module, name, value, kept in copies:
             module._buffers[name] = value
+            if value.shape != kept.shape:  # resized in place meanwhile (a QAT observer's first min/max)
+                value.resize_(kept.shape)
             value.copy_(kept)
 
 
