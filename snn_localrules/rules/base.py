@@ -520,6 +520,28 @@ def restore_buffers(copies: BufferCopies) -> None:
             value.copy_(kept)
 
 
+@contextlib.contextmanager
+def undone_eval_forwards(model: nn.Module, reset: Callable[[], None],
+                         rng_device: Optional[torch.device] = None) -> Iterator[None]:
+    """Forwards a learner runs for itself (a probe of the model's layout): in eval mode, so that no
+    batch-norm statistic or dropout draw is spent, and afterwards every buffer back (what counts in eval
+    mode too: a QAT observer's min/max), each module's train/eval mode as it was, torch's random state too
+    (with ``rng_device``: the CPU's and that device's), and the state reset (``reset``)."""
+    modes = [(m, m.training) for m in model.modules()]
+    rng = rng_states(rng_device) if rng_device is not None else None
+    buffers = buffer_copies(model)
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        if rng is not None:
+            set_rng_states(rng, rng_device)
+        restore_buffers(buffers)
+        reset()
+
+
 @torch.no_grad()
 def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoice, reset: Callable[[], None]) -> bool:
     """Whether a multi-step model's forward reduces its output over time (returns a rate, as Spikformer's
@@ -527,28 +549,19 @@ def probe_reduces_time(model: nn.Module, x_seq: torch.Tensor, choice: OutputChoi
     steps) in eval mode: no batch-norm statistic or dropout draw spent, torch's random state restored, the
     neurons reset (``reset``) before each call and after. Forward hooks of the user's see the two calls; a
     model that reduces over time only in eval mode is taken for one that always does."""
-    modes = [(m, m.training) for m in model.modules()]
-    rng = rng_states(x_seq.device)
-    buffers = buffer_copies(model)  # what counts in eval mode too (a QAT observer's min/max)
     first = x_seq[:1]
-    model.eval()
     outs = []
     reduces, other_reduction = False, None
-    try:
-        for probe in (first, first.expand(2, *first.shape[1:])):
-            reset()
-            outs.append(choose_output(model(probe), choice))
-        reduces = reduces_time(outs[0], outs[1], x_seq.shape[1])
-        if reduces:
-            other_reduction = _reduction_other_than_mean(model, x_seq[:8], choice, reset)
-    except Exception:
-        reduces = False  # a model that cannot take such a call: the real call says what is wrong
-    finally:
-        for module, training in modes:
-            module.training = training
-        set_rng_states(rng, x_seq.device)
-        restore_buffers(buffers)
-        reset()
+    with undone_eval_forwards(model, reset, rng_device=x_seq.device):
+        try:
+            for probe in (first, first.expand(2, *first.shape[1:])):
+                reset()
+                outs.append(choose_output(model(probe), choice))
+            reduces = reduces_time(outs[0], outs[1], x_seq.shape[1])
+            if reduces:
+                other_reduction = _reduction_other_than_mean(model, x_seq[:8], choice, reset)
+        except Exception:
+            reduces = False  # a model that cannot take such a call: the real call says what is wrong
     if other_reduction is not None:  # outside the probe: a warnings filter set to "error" raises it to the user
         warnings.warn(other_reduction, OnlineLossWarning, stacklevel=user_stacklevel())
     return reduces

@@ -39,7 +39,6 @@ from .base import (
     autocast_context,
     autocast_off,
     backward,
-    buffer_copies,
     check_optimizer,
     check_clip_grad_norm,
     check_common_options,
@@ -50,8 +49,8 @@ from .base import (
     guarded_step,
     optimizer_step,
     repeated_neurons_error,
-    restore_buffers,
     run_in_time,
+    undone_eval_forwards,
     whole_sequence_error,
     whole_sequence_modules,
 )
@@ -606,10 +605,7 @@ class TP(DrivesOptimizer, Rule):
     @torch.no_grad()
     def _learn_layer_order(self, inputs: torch.Tensor, sequence_model: bool) -> None:
         """Record the order in which the neurons run (the layer order, whatever the model's code looks
-        like) with one forward in eval mode, so that no BN statistic or dropout draw is spent on it."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        buffers = buffer_copies(self.model)  # what counts in eval mode too (a QAT observer's min/max)
-        self.model.eval()
+        like) with one forward in eval mode, undone afterwards (:func:`~.base.undone_eval_forwards`)."""
         self._seen = []
         # the modules with weights of their own (frozen ones too: a frozen readout is still the readout),
         # neither inside a neuron nor holding one (the model itself, a block: it finishes after its
@@ -636,24 +632,21 @@ class TP(DrivesOptimizer, Rule):
         layout_error = None
         # fed [1, B, ...], one-step-per-call neurons must still get [B, ...] (snnTorch's take no sequences)
         calls = NeuronCalls(self.neurons, inputs.shape[0], self.model) if sequence_model else None
-        try:
-            run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
-        except LayoutError as error:  # a forward that loops over time gives no per-step output either:
-            layout_error = error      # the repeated neurons below say so, rather than blame the input
-        except Exception:
-            if calls is not None:  # (the shapes that went wrong may fail anywhere after such a neuron)
-                calls.remove()
-                calls.check(self.model, 1, self.name, sequences=True, failed=True)
-            raise
-        finally:
-            if calls is not None:
-                calls.remove()
-            for handle in handles:
-                handle.remove()
-            for module, training in modes:
-                module.training = training
-            restore_buffers(buffers)
-            self.reset_state()
+        with undone_eval_forwards(self.model, self.reset_state):
+            try:
+                run_in_time(self.model, inputs.unsqueeze(0), sequence_model, self.output)
+            except LayoutError as error:  # a forward that loops over time gives no per-step output either:
+                layout_error = error      # the repeated neurons below say so, rather than blame the input
+            except Exception:
+                if calls is not None:  # (the shapes that went wrong may fail anywhere after such a neuron)
+                    calls.remove()
+                    calls.check(self.model, 1, self.name, sequences=True, failed=True)
+                raise
+            finally:
+                if calls is not None:
+                    calls.remove()
+                for handle in handles:
+                    handle.remove()
         if calls is not None:  # TP keeps a trace per sample: a neuron handed [1, B, ...] has no sample rows
             calls.check(self.model, 1, self.name, sequences=True, failed=True)
         repeated = [self.neurons[i] for i in sorted(set(self._seen)) if self._seen.count(i) > 1]
