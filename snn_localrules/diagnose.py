@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from .adapter import NeuronAdapter
-from .errors import LossError, SLRError, WrapError
-from .functional.losses import StepLoss, resolve_step_loss, step_loss_error
+from .errors import LossError, WrapError
+from .functional.losses import StepLoss, evaluate_step_loss, resolve_step_loss
 from .memory import SavedBytes, storage_keys
 from .plugins import plugin_manager
 from .rules.base import (
@@ -218,25 +218,7 @@ def _batch_loss(
     """``(1/T) sum_t L_t(o[t], y)`` over one forward of the whole sequence, as a user's loop computes it
     (``per_step``: one call per step, for a model whose forward returns a rate over time)."""
     outputs = run_in_time(model, x_seq, sequence_model, choice, one_call_per_step=per_step)
-    return sum(_step_loss(step_loss, out, y, t, first and t == 0) for t, out in enumerate(outputs)) / len(outputs)
-
-
-def _step_loss(step_loss: StepLoss, out: torch.Tensor, y: torch.Tensor, t: int, first: bool = False) -> torch.Tensor:
-    """``first``: the loss's first call, where a loss written for the whole sequence fails."""
-    try:
-        loss = step_loss(out, y)
-    except (SLRError, torch.cuda.OutOfMemoryError):
-        raise
-    except (IndexError, RuntimeError, TypeError, ValueError) as error:
-        if first and step_loss.user:
-            raise step_loss_error(step_loss, out, y, error) from error
-        raise
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise LossError(
-            f"the loss {step_loss.name} returned {getattr(loss, 'shape', type(loss).__name__)} at step {t}; "
-            "a per-step loss must return a scalar (use reduction='mean' or 'sum')."
-        )
-    return loss.reshape(())
+    return sum(evaluate_step_loss(step_loss, out, y, t, first=first and t == 0) for t, out in enumerate(outputs)) / len(outputs)
 
 
 def _gradients(loss: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -427,7 +409,7 @@ def _online_step_bytes(
         for t in range(T):
             with SavedBytes(exclude, packer=packer) as saved:
                 (out,) = run_in_time(model, x_seq[t : t + 1], sequence_model, choice)
-                step = _step_loss(step_loss, out, y, t) / T
+                step = evaluate_step_loss(step_loss, out, y, t) / T
             most = max(most, saved.total)
             del out, step
     return most

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..errors import LossError
+from ..errors import LossError, SLRError
 
 StepLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -123,3 +123,26 @@ def step_loss_error(step_loss: StepLoss, out: torch.Tensor, target: torch.Tensor
         "write it for one step (the rule averages over the steps), or keep a loss of the whole sequence in "
         "zero-change mode (slr.wrap(model, rule='sltt') and your own loop)."
     )
+
+
+def evaluate_step_loss(step_loss: StepLoss, out: torch.Tensor, target: torch.Tensor, t: int, first: bool = False,
+                       explain: Optional[Callable[[Exception], None]] = None) -> torch.Tensor:
+    """``step_loss(out, target)`` at step ``t``, as a 0-d tensor. When the loss fails, ``explain(error)`` may
+    raise a clearer error first (the online driver's label check); at its ``first`` call a user's own callable
+    gets :func:`step_loss_error`. A result that is not one number is a :class:`LossError`."""
+    try:
+        loss = step_loss(out, target)
+    except (SLRError, torch.cuda.OutOfMemoryError):
+        raise
+    except (IndexError, RuntimeError, TypeError, ValueError) as error:
+        if explain is not None:
+            explain(error)
+        if first and step_loss.user:  # one written for the whole sequence fails at once
+            raise step_loss_error(step_loss, out, target, error) from error
+        raise
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise LossError(
+            f"the loss {step_loss.name} returned {getattr(loss, 'shape', type(loss).__name__)} at step {t}; "
+            "a per-step loss must return a scalar (use reduction='mean' or 'sum')."
+        )
+    return loss.reshape(())

@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from .. import graphs
 from ..adapter import NeuronAdapter
-from ..errors import LayoutError, LossError, NonFiniteLossError, SLRError, UnsupportedModelError, WrapError
-from ..functional.losses import StepLoss, resolve_step_loss, step_loss_error
+from ..errors import LayoutError, LossError, NonFiniteLossError, UnsupportedModelError, WrapError
+from ..functional.losses import StepLoss, evaluate_step_loss, resolve_step_loss
 from ..functional.norm_recompute import NormSources, channel_dim, rebuild_input_from
 from ..functional.spike_pack import SpikePacker, others_on_top, pooled_window
 from ..memory import SavedBytes, memory_budget, storage_keys
@@ -163,6 +163,19 @@ def install_temporal_cut(hooks: ModuleHooks, neurons: Sequence[NeuronAdapter], f
         hooks.pre_hook(neuron.module, _cut_state_pre_hook(neuron), with_kwargs=True)
         if neuron.supports_multi_step:
             hooks.replace_forward(neuron.module, _per_step_forward(neuron, fused, packer, norms, recharge))
+
+
+def _check_labels(out: torch.Tensor, y: torch.Tensor, error: Exception) -> None:
+    """After a loss failed on a per-step output ``[B, C]``: labels outside ``[0, C)`` are the cause to name.
+    (The class range is only known from the output: checked on failure, no host sync otherwise; of another
+    shape the loss's own error says more.)"""
+    classes = out.shape[-1] if out.dim() in (1, 2) else None
+    if isinstance(error, (IndexError, RuntimeError)) and classes is not None and y.numel() \
+            and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise LossError(
+            f"labels must be class indices in [0, {classes}) (the model outputs {classes} values per "
+            f"sample); y holds [{int(y.min())}, {int(y.max())}]. Check the labels or the output layer."
+        ) from error
 
 
 WHOLE_SEQUENCE_FIX = ("Train it in zero-change mode (slr.wrap(model, rule='sltt') and your own loop over whole "
@@ -701,35 +714,15 @@ class SLTT(DrivesOptimizer, Rule):
                     "to say so."
                 )
             self._check_tuple_output = False
-        try:
-            loss = self.step_loss(out, y)
-        except (SLRError, torch.cuda.OutOfMemoryError):
-            raise
-        except (IndexError, RuntimeError, TypeError, ValueError) as error:
-            # the class range is only known from the output: checked on failure, no host sync otherwise
-            # (a per-step output [B, C]; of another shape the loss's own error says more than a label check)
-            classes = out.shape[-1] if out.dim() in (1, 2) else None
-            if isinstance(error, (IndexError, RuntimeError)) and classes is not None and y.numel() \
-                    and (int(y.min()) < 0 or int(y.max()) >= classes):
-                raise LossError(
-                    f"labels must be class indices in [0, {classes}) (the model outputs {classes} values per "
-                    f"sample); y holds [{int(y.min())}, {int(y.max())}]. Check the labels or the output layer."
-                ) from error
-            if self.step_loss.user and not self._loss_worked:  # one written for the sequence fails at once
-                raise step_loss_error(self.step_loss, out, y, error) from error
-            raise
+        loss = evaluate_step_loss(self.step_loss, out, y, t, first=not self._loss_worked,
+                                  explain=lambda error: _check_labels(out, y, error))
         self._loss_worked = True
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise LossError(
-                f"the loss {self.step_loss.name} returned {getattr(loss, 'shape', type(loss).__name__)} at "
-                f"step {t}; a per-step loss must return a scalar (use reduction='mean' or 'sum')."
-            )
         if torch.is_grad_enabled() and not loss.requires_grad:
             raise LossError(
                 f"the loss {self.step_loss.name} at step {t} does not require grad: no trainable parameter "
                 "reaches it (all frozen with requires_grad=False, or the output/loss was detached)."
             )
-        return loss.reshape(())
+        return loss
 
     @torch.no_grad()
     def predict(self, x_seq: torch.Tensor) -> torch.Tensor:
