@@ -59,7 +59,8 @@ def slr_carried_state(model: nn.Module, neurons: Sequence["NeuronAdapter"]) -> S
     """The state ``model`` carries from one time step to the next outside its neurons.
 
     Asked when an online learner is built, and for a module put into its model afterwards (``model`` is
-    then that module): it cuts such state from the graph before every call of the model (through a forward pre-hook on the object's ``module``), as it cuts the neurons' state; and with
+    then that module): it cuts such state from the graph before every call of the model (through a
+    forward pre-hook on the object's ``module``), as it cuts the neurons' state; and with
     ``cuda_graphs=True``, whose replays run no Python, it copies the state into the graph's buffers before
     each replay.
 

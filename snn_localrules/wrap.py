@@ -174,25 +174,22 @@ def _wrapped_items() -> List[tuple]:
 _ADDED = {
     "neuron": ("a spiking neuron", "its state would keep its time route (BPTT's gradient, or a backward through a "
                                    "freed graph)"),
-    "stateful": ("a layer that carries state from step to step", "its state would not be cut between the "
-                                                                   "learner's calls (a backward through a freed graph)"),
     "whole": ("a layer that must get whole sequences", "it would get part of a sequence per call"),
 }
 
 
 def unknown_modules(learner: Any, tree: nn.Module) -> List[tuple]:
     """``(name in tree, module, kind)`` for the modules of ``tree`` that ``learner`` would have to drive and
-    cannot: neurons it did not find at wrap time; for a learner that cuts other layers' carried state between
-    its calls (online SLTT, TP: their ``_carried``), layers that must get whole sequences (the plugins'
-    ``slr_whole_sequence_modules``) it did not see at wrap time, and stateful layers it cannot take on
-    (:func:`new_carried`; a learner with ``_adopt_carried`` cuts their state as it cuts the others')."""
+    cannot: neurons it did not find at wrap time, and, for a learner that cuts other layers' carried state
+    between its calls (online SLTT, TP: their ``_carried``), layers that must get whole sequences (the
+    plugins' ``slr_whole_sequence_modules``) it did not see at wrap time. (Stateful layers it takes on:
+    :func:`new_carried`, its ``_adopt_carried``.)"""
     known = {id(n.module) for n in learner.neurons}
-    found = [(name, m, "neuron") for name, m in tree.named_modules() if id(m) not in known and _is_neuron(m)]
+    named = list(tree.named_modules())
+    found = [(name, m, "neuron") for name, m in named if id(m) not in known and _is_neuron(m)]
     if getattr(learner, "_carried", None) is None:
         return found
-    names = {id(m): name for name, m in tree.named_modules()}
-    if not callable(getattr(learner, "_adopt_carried", None)):
-        found += [(names.get(id(h.module), ""), h.module, "stateful") for h in new_carried(learner, tree)]
+    names = {id(m): name for name, m in named}
     seen = getattr(learner, "_structure", set())
     found += [(names.get(id(m), ""), m, "whole")
               for answer in plugin_manager().hook.slr_whole_sequence_modules(model=tree, neurons=learner.neurons)
